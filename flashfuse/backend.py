@@ -1,0 +1,101 @@
+"""The Dynamo backend: options -> pass pipeline -> Inductor.
+
+``torch.compile(model, backend="flashfuse")`` finds this function through the
+``torch_dynamo_backends`` entry point (no ``import flashfuse`` needed). Any exception in flashfuse's
+passes sends the user's graph to Inductor unchanged, with a warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from flashfuse import report as _report
+from flashfuse.config import Config, split_options
+
+log = logging.getLogger("flashfuse")
+
+__all__ = ["flashfuse_backend", "inductor_patches"]
+
+
+def inductor_patches(mode: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    patches: dict[str, Any] = {}
+    if mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(extra)
+    return patches
+
+
+def _passes(gm: fx.GraphModule, example_inputs, config: Config, graph_report) -> fx.GraphModule:
+    # the debug dumper and the pipeline are imported lazily: importing flashfuse stays cheap
+    from flashfuse.debug import Dumper
+    from flashfuse.passes import run_pipeline
+
+    dumper = Dumper.for_graph(config.debug_dir, graph_report) if config.debug_dir else None
+    out = run_pipeline(gm, example_inputs, config, graph_report, dumper)
+    if dumper is not None:
+        dumper.finish(graph_report)
+    return out
+
+
+def analyse(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.GraphModule, Any]:
+    """Run the passes with the fallback rule; returns (graph to compile, graph report)."""
+    graph_report = _report.new_graph_report()
+    start = time.perf_counter()
+    try:
+        new_gm = _passes(gm, example_inputs, config, graph_report)
+    except Exception as exc:  # never break a compile
+        graph_report.fallback = f"{type(exc).__name__}: {exc}"
+        log.debug("flashfuse: graph %d: passes failed", graph_report.graph, exc_info=True)
+        warnings.warn(
+            f"flashfuse: an internal error in its passes ({type(exc).__name__}: {exc}); graph {graph_report.graph} "
+            "is compiled by plain Inductor without attention rewrites",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return gm, graph_report
+    elapsed = (time.perf_counter() - start) * 1e3
+    log.info(
+        "flashfuse: %d/%d attention sites rewritten in graph %d (%.0f ms)",
+        graph_report.rewritten, graph_report.total, graph_report.graph, elapsed,
+    )
+    return (new_gm if config.rewrite else gm), graph_report
+
+
+def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
+                      options: dict[str, Any] | None = None):
+    """``torch.compile`` backend: rewrite attention sites, then compile with Inductor's ``compile_fx``."""
+    config, extra = split_options(options)
+    patches = inductor_patches(mode, extra)
+    new_gm, graph_report = analyse(gm, example_inputs, config)
+    if not config.inductor:
+        return new_gm.forward
+
+    from torch._inductor.compile_fx import compile_fx
+
+    if new_gm is gm:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    try:
+        return compile_fx(new_gm, example_inputs, config_patches=patches)
+    except Exception as exc:
+        if isinstance(exc, (torch._dynamo.exc.Unsupported,)):
+            raise
+        graph_report.fallback = f"Inductor failed on the rewritten graph: {type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"flashfuse: Inductor failed on the rewritten graph {graph_report.graph} ({type(exc).__name__}: {exc}); "
+            "compiling the original graph instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        for site in graph_report.sites:
+            if site.rewritten:
+                site.rewritten = False
+                site.reason = "the rewritten graph failed to compile; the original was compiled instead"
+        return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,57 @@
+"""Pass-by-pass dumps: one folder per compiled graph under ``debug_dir`` (``FLASHFUSE_DEBUG_DIR``).
+
+    debug_dir/index.md                   every graph with its counts
+    debug_dir/graph_000/00_input.py      the graph as Dynamo gave it, readable Python with shapes/strides
+    debug_dir/graph_000/01_canonicalize.py ... one file per pass, after it ran
+    debug_dir/graph_000/report.json, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import torch.fx as fx
+
+from flashfuse.report import GraphReport, Report
+
+__all__ = ["Dumper"]
+
+_index_lock = threading.Lock()
+
+
+def _readable(gm: fx.GraphModule) -> str:
+    try:
+        return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    except TypeError:  # older signatures
+        return gm.print_readable(print_output=False)
+
+
+class Dumper:
+    def __init__(self, root: str, folder: str):
+        self.root = root
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+
+    @classmethod
+    def for_graph(cls, root: str, report: GraphReport) -> "Dumper":
+        return cls(root, os.path.join(root, f"graph_{report.graph:03d}"))
+
+    def graph(self, index: int, name: str, gm: fx.GraphModule) -> None:
+        with open(os.path.join(self.folder, f"{index:02d}_{name}.py"), "w") as f:
+            f.write(_readable(gm))
+
+    def finish(self, report: GraphReport) -> None:
+        rep = Report([report])
+        with open(os.path.join(self.folder, "report.json"), "w") as f:
+            json.dump(rep.to_json(), f, indent=2)
+        with open(os.path.join(self.folder, "report.md"), "w") as f:
+            f.write(f"# graph {report.graph}\n\n```\n{rep}\n```\n")
+        with _index_lock:
+            index = os.path.join(self.root, "index.md")
+            new = not os.path.exists(index)
+            with open(index, "a") as f:
+                if new:
+                    f.write("# flashfuse graphs\n\n| graph | sites | rewritten | folder |\n|---|---|---|---|\n")
+                f.write(f"| {report.graph} | {report.total} | {report.rewritten} | {os.path.basename(self.folder)} |\n")

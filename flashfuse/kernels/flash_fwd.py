@@ -1,0 +1,521 @@
+"""Flash-attention forward: one Triton kernel and its launcher.
+
+Algorithm (FlashAttention-2, Dao 2023; the loop structure and naming follow Triton's tutorial
+``06-fused-attention.py``): each program owns ``BLOCK_M`` query rows of one (batch, query head). It
+walks the key/value blocks of that row block once, keeping in registers the running row max ``m_i``,
+the running softmax denominator ``l_i`` and the unnormalised output ``acc``; every new block rescales
+them by ``exp(m_old - m_new)`` ("online softmax"). ``acc / l_i`` is the output and ``m_i + log(l_i)``
+the log-sum-exp that the backward pass needs. Nothing of size ``Sq x Sk`` ever reaches memory.
+
+Semantics are ``flashfuse.testing.attention_ref`` exactly (read its docstring first):
+
+* GQA/MQA is the head map ``h -> h // (Hq // Hkv)`` applied to K/V pointers; K and V are never copied.
+* Scores live in base 2: ``log2(e) * scale`` is folded into one multiply of ``q @ kᵀ`` and the
+  softmax uses ``exp2`` (a single MUFU instruction on NVIDIA GPUs), as the tutorial does. ``lse``
+  is converted back to the natural log at the end. With an additive mask the scores stay in natural
+  units and ``log2(e)`` multiplies ``s - max`` instead (``NATURAL``, see ``_exp``): an HF mask holds
+  ``finfo(float32).min``, which times ``log2(e)`` overflows to ``-inf`` and would turn a row of equal
+  scores (eager: uniform weights) into an empty one (NaN).
+* ``softcap``: ``s = softcap * tanh(s / softcap)``, with tanh written through ``exp2`` so the same
+  code runs under ``TRITON_INTERPRET=1``.
+* masks: a boolean keep-mask (read as uint8) or an additive float bias, read through four strides so
+  that broadcast dimensions (stride 0) are never materialised.
+* structure ``-window_left <= j - i <= window_right`` (causal is ``window_right = 0``): key blocks
+  entirely outside the window are never visited, and the elementwise test runs only on the blocks
+  that straddle a window edge or the ragged end of the keys (three loop phases, below).
+* fully masked rows: ``0 / 0 = NaN`` for a ``-inf`` fill (what eager softmax gives); for a finite
+  ``mask_fill`` the mean of ``v`` over all keys, precomputed by the launcher (rule 6 of testing.py).
+
+Credits: Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
+(2023); Philippe Tillet and the Triton authors, ``python/tutorials/06-fused-attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention_forward"]
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
+_LN2 = 0.6931471805599453
+
+# Head dims below 16 cannot feed tl.dot (its K dimension must be >= 16); above 256 the Q tile and
+# one K/V stage no longer fit in shared memory at any useful BLOCK_M.
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# mask kinds (constexpr): what the kernel reads from the mask pointer
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """``a @ b`` with a float32 accumulator.
+
+    NOTE: INTERPRET_BF16 is set only under the interpreter with bf16 inputs: triton 3.9's interpreter
+    keeps bf16 as raw uint16 and its ``create_dot`` multiplies those bit patterns as integers (a 16x16
+    bf16 dot was off by 2.5e10 here). Upcasting first is exact: a GPU bf16 MMA also forms exact products
+    and accumulates them in fp32.
+    """
+    if INTERPRET_BF16:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
+
+
+@triton.jit
+def _downcast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """``x.to(dtype)`` with round-to-nearest-even, also under the interpreter.
+
+    NOTE: triton 3.9's interpreter converts fp32 -> bf16 by truncating the mantissa (round toward zero),
+    a bias of half a bf16 ulp on average; on p and on the output it doubled the kernel's error vs eager
+    (4.1e-3 vs 1.9e-3 at S=97, D=64). Rounding the fp32 bits first (add 0x7FFF plus the lowest kept bit,
+    then drop 16 bits) makes the truncation exact. The GPU path is a plain cast (cvt.rn.bf16.f32).
+    """
+    if INTERPRET_BF16 and False:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _exp(z, NATURAL: tl.constexpr):
+    """``exp`` of a score difference: scores are in base 2 unless NATURAL (additive mask present)."""
+    if NATURAL:
+        z = z * 1.4426950408889634
+    return tl.exp2(z)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exp2 overflowing to inf gives 1, underflowing to 0 gives -1, so no
+    # NaN for any finite x. Absolute error ~1e-7 near 0 (1 - ~1 cancels), i.e. ~3e-6 on a softcap-30 score
+    # in fp32; tanh.approx on the GPU would be 2^-11 relative, libdevice does not run under the interpreter.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    K_head, V_head, Mask_rows,
+    start, end,
+    offs_m, offs_n, offs_d, offs_dv, row_ok,
+    Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
+    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):
+    """Visit key blocks ``[start, end)`` and update the online-softmax state ``(acc, l_i, m_i)``.
+
+    ``EDGE`` blocks straddle a window edge or the end of the keys: they get the elementwise structure
+    and bounds test. Non-EDGE blocks are full blocks entirely inside the window: no index arithmetic.
+    """
+    k_mask = offs_d[:, None] < HEAD_DIM
+    v_mask = offs_dv[None, :] < HEAD_DIM_V
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        # 64-bit block offset: Sk * stride_kn passes 2^31 for long BSHD-strided keys
+        k_ptrs = K_head + tl.cast(start_n, tl.int64) * stride_kn + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+        v_ptrs = V_head + tl.cast(start_n, tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        if EDGE:
+            col_ok = cols < Sk
+            k = tl.load(k_ptrs, mask=k_mask & col_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+
+        # -- scores, in base 2 --
+        qk = _mma(q, k, DOT_PRECISION, INTERPRET_BF16)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+
+        # -- data mask --
+        if MASK_KIND != 0:
+            local_m = tl.arange(0, BLOCK_M)
+            m_ptrs = (
+                Mask_rows
+                + tl.cast(start_n, tl.int64) * stride_mask_n
+                + (local_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n)
+            )
+            if EDGE:
+                mvals = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            else:
+                mvals = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
+            if MASK_KIND == 1:
+                s = tl.where(mvals != 0, s, float("-inf"))
+            else:
+                # natural units here (qk_scale has no log2(e) in it): finfo.min + s stays finite, and
+                # a row of only such scores gets equal weights, as in eager
+                s = s + mvals.to(tl.float32)
+
+        # -- structure and ragged end of the keys --
+        if EDGE:
+            diff = cols[None, :] - offs_m[:, None]
+            keep = (diff >= -window_left) & (diff <= window_right) & col_ok[None, :]
+            s = tl.where(keep, s, float("-inf"))
+
+        # -- online softmax --
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        # "safe max": a row with nothing kept so far has m_ij = -inf; subtracting it would give
+        # -inf - -inf = NaN. Using 0 instead leaves exp2(-inf - 0) = 0 for every masked position.
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = _exp(s - m_safe[:, None], MASK_KIND == 2)
+        alpha = _exp(m_i - m_safe, MASK_KIND == 2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if EDGE:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & v_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc += _mma(_downcast(p, v.dtype, INTERPRET_BF16), v, DOT_PRECISION, INTERPRET_BF16)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    # triton.jit picks InterpretedFunction when TRITON_INTERPRET=1 at decoration time; asking the kernel
+    # itself is right even if the variable changed after import.
+    return type(_attn_fwd).__name__ == "InterpretedFunction" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
+    """One config per (padded head dim, dtype); speed tuning comes later (a short autotune list)."""
+    if _interpreting() or device.type != "cuda":
+        # Interpreter: every tl op is a numpy call, so cost ~ number of ops; 32x16 tiles keep the CPU
+        # tests fast and still give several key blocks (and BLOCK_M != BLOCK_N) at S = 97.
+        return FwdConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    block_d = max(16, triton.next_power_of_2(D))
+    if dtype == torch.float32:
+        # twice the bytes per element: halve the tiles so Q + 2 stages of K/V stay under 228 KB smem
+        if block_d <= 64:
+            return FwdConfig(64, 64, 4, 2)
+        if block_d <= 128:
+            return FwdConfig(64, 32, 4, 2)
+        return FwdConfig(32, 32, 4, 1)
+    if block_d <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if block_d <= 128:
+        return FwdConfig(128, 64, 8, 3)
+    return FwdConfig(64, 32, 4, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, VMean, Out, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    stride_vmb, stride_vmh, stride_vmd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    Hq, GROUPS, Sq, Sk,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    off_hkv = off_h // GROUPS  # GQA: query head h reads key/value head h // (Hq // Hkv)
+
+    # Scalars may arrive as fp64 from Inductor-generated launchers; keep all score math in fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap_in = tl.cast(softcap_in, tl.float32)
+    softcap_out = tl.cast(softcap_out, tl.float32)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+
+    # Per-(batch, head) base pointers in 64-bit: B * H * S * D passes 2^31 elements at long contexts.
+    b64 = tl.cast(off_b, tl.int64)
+    Q_rows = Q + b64 * stride_qb + tl.cast(off_h, tl.int64) * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
+    K_head = K + b64 * stride_kb + tl.cast(off_hkv, tl.int64) * stride_kh
+    V_head = V + b64 * stride_vb + tl.cast(off_hkv, tl.int64) * stride_vh
+    Mask_rows = Mask + b64 * stride_mask_b + tl.cast(off_h, tl.int64) * stride_mask_h + tl.cast(start_m, tl.int64) * stride_mask_m
+
+    local_m = tl.arange(0, BLOCK_M)
+    q = tl.load(
+        Q_rows + local_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # NOTE: key blocks of this row block, in three phases (all bounds multiples of BLOCK_N, and every
+    # integer division on non-negative operands: Triton's // truncates on the GPU but floors in the
+    # interpreter). Rows i in [start_m, m_last] keep keys j with -window_left <= j - i <= window_right.
+    #   lo .. hi      blocks touching the window of some row (everything else is skipped);
+    #   lo .. full_lo  EDGE: left window edge; full_lo .. full_hi  inside for every row: no test;
+    #   full_hi .. hi  EDGE: right window edge (the causal diagonal) and the ragged end of the keys.
+    # Unbounded windows arrive as window_left = Sq, window_right = Sk (the launcher clamps).
+    m_last = tl.minimum(start_m + BLOCK_M, Sq) - 1
+    lo = (tl.maximum(start_m - window_left, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(Sk, m_last + window_right + 1)
+    full_lo = tl.maximum(lo, ((tl.maximum(m_last - window_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_hi = (tl.maximum(tl.minimum(start_m + window_right + 1, Sk), 0) // BLOCK_N) * BLOCK_N
+    has_full = full_hi >= full_lo
+    full_lo = tl.where(has_full, full_lo, lo)
+    full_hi = tl.where(has_full, full_hi, lo)
+
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, Mask_rows, lo, full_lo,
+        offs_m, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, Mask_rows, full_lo, full_hi,
+        offs_m, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION, INTERPRET_BF16,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K_head, V_head, Mask_rows, full_hi, hi,
+        offs_m, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+        MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+    )
+
+    # -- epilogue --
+    # Rows with nothing kept have l_i = 0 and acc = 0: 0 / 0 = NaN and lse = -inf + log2(0) = -inf,
+    # which is what eager softmax gives with a -inf fill (rule 6).
+    out = acc / l_i[:, None]
+    if MASK_KIND == 2:
+        lse = m_i + tl.log2(l_i) * 0.6931471805599453  # m_i is already natural
+    else:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # base 2 -> natural log
+    if FINITE_FILL:
+        # A finite fill (finfo.min, -1e4 ...) made eager see a row of equal scores: the mean of v over
+        # all keys. Same when the best kept score is itself at or below fill / 2 (fill_thr, in m_i's units).
+        empty = (l_i == 0.0) | (m_i <= fill_thr)
+        vmean = tl.load(
+            VMean + b64 * stride_vmb + tl.cast(off_hkv, tl.int64) * stride_vmh + offs_dv * stride_vmd,
+            mask=offs_dv < HEAD_DIM_V,
+            other=0.0,
+        )
+        out = tl.where(empty[:, None], vmean[None, :], out)
+        lse = tl.where(empty, fill_lse, lse)
+
+    O_rows = Out + b64 * stride_ob + tl.cast(off_h, tl.int64) * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+    tl.store(
+        O_rows + local_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        _downcast(out, Out.dtype.element_ty, INTERPRET_BF16),
+        mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+    L_rows = LSE + b64 * stride_lb + tl.cast(off_h, tl.int64) * stride_lh
+    tl.store(L_rows + offs_m * stride_lm, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_int_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name}: expected an int or None, got {value!r}")
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a float, got {value!r}")
+    return float(value)
+
+
+def _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap) -> None:
+    for name, t, dims in (("q", q, "[B, Hq, Sq, D]"), ("k", k, "[B, Hkv, Sk, D]"), ("v", v, "[B, Hkv, Sk, Dv]")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4-D {dims}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(
+            f"q/k/v dtype: expected one of float16, bfloat16, float32, the same for all three; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q/k/v device: expected one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"q/k/v device: {q.device} tensors need a CUDA device or TRITON_INTERPRET=1 set before import")
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k: batch {k.shape[0]} differs from q's batch {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k: head dim {k.shape[3]} differs from q's head dim {D}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"v: expected [B, Hkv, Sk, Dv] with B, Hkv, Sk of k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    for name, d in (("head dim", D), ("v head dim", Dv)):
+        if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+            raise ValueError(f"{name} {d} unsupported: {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise ValueError(f"mask dtype: expected bool (keep-mask) or a float dtype (additive), got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask: device {mask.device} differs from q's device {q.device}")
+        target = (B, Hq, Sq, Sk)
+        try:
+            ok = mask.dim() <= 4 and tuple(torch.broadcast_shapes(mask.shape, target)) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} not broadcastable to [B,Hq,Sq,Sk] = {list(target)}")
+    scale = _check_float("scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    _check_int_or_none("window_left", window_left)
+    _check_int_or_none("window_right", window_right)
+    mask_fill = _check_float("mask_fill", mask_fill)
+    if math.isnan(mask_fill) or mask_fill == math.inf:
+        raise ValueError(f"mask_fill: expected -inf or a finite float, got {mask_fill}")
+    softcap = _check_float("softcap", softcap)
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
+
+
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    mask_fill: float = float("-inf"),
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """returns (out [B,Hq,Sq,Dv] in q.dtype, contiguous; lse [B,Hq,Sq] float32)
+
+    ``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]`` with any strides; ``mask`` is
+    None, a bool keep-mask or an additive float mask broadcastable to ``[B, Hq, Sq, Sk]``. Semantics:
+    ``flashfuse.testing.attention_ref``. Bad arguments raise ``ValueError`` naming the argument.
+    """
+    _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = _MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        # stride-0 views of the broadcast dims: a [B, 1, 1, Sk] padding mask stays B * Sk bytes
+        mask_arg = torch.broadcast_to(mask, (B, Hq, Sq, Sk))
+        if mask.dtype == torch.bool:
+            mask_kind, mask_arg = _MASK_BOOL, mask_arg.view(torch.uint8)
+        else:
+            mask_kind = _MASK_ADD
+        mask_strides = mask_arg.stride()
+
+    # scores (and m_i, fill_thr) in base 2 = natural * log2(e), except with an additive mask (kernel's _exp)
+    score_unit = 1.0 if mask_kind == _MASK_ADD else _LOG2E
+    mask_fill = float(mask_fill)
+    finite_fill = math.isfinite(mask_fill)
+    if finite_fill:
+        # fp32 accumulation without an fp32 copy of v; [B, Hkv, Dv] is tiny next to v itself
+        vmean = torch.mean(v, dim=-2, dtype=torch.float32)
+        # rule 6 threshold "max score <= fill / 2", in the kernel's base-2 units; clamped to the fp32 range
+        fill_thr = mask_fill / 2 * score_unit
+        fill_lse = mask_fill + (math.log(Sk) if Sk > 0 else -math.inf)
+    else:
+        vmean, fill_thr, fill_lse = lse, 0.0, 0.0
+    vmean_strides = vmean.stride() if finite_fill else (0, 0, 0)
+
+    # Unbounded windows become bounds no (i, j) pair can cross; clamping also keeps start_m - window_left
+    # and m_last + window_right + 1 inside int32.
+    wl = Sq if window_left is None else max(min(window_left, Sq), -Sk)
+    wr = Sk if window_right is None else max(min(window_right, Sk), -Sq)
+
+    softcap = float(softcap)
+    has_softcap = softcap > 0
+    cfg = _pick_config(max(D, Dv), q.dtype, q.device)
+    grid = (triton.cdiv(Sq, cfg.block_m), Hq, B)
+    interpreted = _interpreting()
+    args = (
+        q, k, v, mask_arg, vmean, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *vmean_strides, *out.stride(), *lse.stride(),
+        Hq, Hq // Hkv, Sq, Sk,
+        float(scale) * score_unit,
+        float(scale) / softcap if has_softcap else 0.0,
+        softcap * score_unit,
+        wl, wr, fill_thr, fill_lse,
+    )
+    meta = dict(
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        MASK_KIND=mask_kind,
+        HAS_SOFTCAP=has_softcap,
+        FINITE_FILL=finite_fill,
+        # fp32 inputs: "ieee" keeps tl.dot from rounding operands to tf32 (10-bit mantissa)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERPRET_BF16=interpreted and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            _attn_fwd[grid](*args, **meta)
+    else:
+        _attn_fwd[grid](*args, **meta)
+    return out, lse

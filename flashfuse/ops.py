@@ -1,0 +1,213 @@
+"""The custom ops: ``flashfuse::attention`` (forward, returns ``(out, lse)``) and its backward.
+
+Both are opaque ``torch.library.custom_op``s with fake implementations, so Dynamo, AOTAutograd and
+Inductor trace them with symbolic shapes and Inductor calls them as extern kernels.
+
+NOTE: why not ``triton_op`` + ``wrap_triton``: under ``TRITON_INTERPRET=1`` (CPU CI), ``torch.compile``
+cannot trace into a ``triton_op`` -- it runs the interpreter on fake tensors and fails with "Cannot
+access data pointer of Tensor" (torch 2.13, triton 3.9). The opaque op compiles and runs there. On the
+GPU an Inductor-visible ``triton_op`` is an option for the speed issue, to be measured first.
+
+Dispatch inside the op: CUDA tensors -> the Triton kernel; CPU tensors -> the same Triton kernel under
+the interpreter when ``TRITON_INTERPRET=1``, else the float32 reference (``flashfuse.testing``), so a
+CPU user still gets correct output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from flashfuse import testing
+
+__all__ = ["attention", "validate_attention_args", "SUPPORTED_DTYPES", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+SUPPORTED_DEVICES = ("cuda", "cpu")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate_attention_args(q, k, v, mask, window_left, window_right) -> None:
+    """Raise ``ValueError`` naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor [B, H, S, D], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} unsupported (float16, bfloat16, float32)")
+        if t.device.type not in SUPPORTED_DEVICES:
+            raise ValueError(f"{name}: device {t.device} unsupported (cuda, cpu)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q/k/v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q/k/v: devices differ ({q.device}, {k.device}, {v.device})")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"k/v: batch size {k.shape[0]}/{v.shape[0]} differs from q's {B}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"v: {v.shape[1]} heads, k has {k.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"v: sequence length {v.shape[2]} differs from k's {k.shape[2]}")
+    if k.shape[3] != D:
+        raise ValueError(f"k: head dim {k.shape[3]} differs from q's {D}")
+    if v.shape[3] != D:
+        raise ValueError(f"v: head dim {v.shape[3]} differs from q's {D} (not supported)")
+    if not (MIN_HEAD_DIM <= D <= MAX_HEAD_DIM):
+        raise ValueError(f"q: head dim {D} unsupported ({MIN_HEAD_DIM}..{MAX_HEAD_DIM})")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise ValueError(f"mask: dtype {mask.dtype} unsupported (bool keep-mask or additive float)")
+        if mask.dim() > 4:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} not broadcastable to [B, Hq, Sq, Sk]")
+        target = (B, Hq, Sq, k.shape[2])
+        for have, want in zip(reversed(mask.shape), reversed(target)):
+            if have != 1 and have != want:
+                raise ValueError(f"mask: shape {tuple(mask.shape)} not broadcastable to {list(target)}")
+        if mask.device != q.device:
+            raise ValueError(f"mask: device {mask.device} differs from q's {q.device}")
+    for name, w in (("window_left", window_left), ("window_right", window_right)):
+        if w is not None and not isinstance(w, (int, torch.SymInt)):
+            raise ValueError(f"{name}: expected an int or None, got {type(w).__name__}")
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    if q.device.type == "cuda":
+        return True
+    return _interpreting() and _triton_available()
+
+
+@torch.library.custom_op("flashfuse::attention", mutates_args=())
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: Optional[int],
+    window_right: Optional[int],
+    mask_fill: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    validate_attention_args(q, k, v, mask, window_left, window_right)
+    if _use_kernel(q):
+        from flashfuse.kernels.flash_fwd import flash_attention_forward
+
+        return flash_attention_forward(
+            q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+            mask_fill=mask_fill, softcap=softcap,
+        )
+    out, lse = testing.attention_ref(
+        q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+        mask_fill=mask_fill, softcap=softcap, upcast=False,
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention.register_fake
+def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap):
+    B, Hq, Sq, _ = q.shape
+    out = q.new_empty((B, Hq, Sq, v.shape[-1]))
+    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return out, lse
+
+
+# NOTE: the backward is a reference implementation (recompute P in float32, the standard
+# dS = P * (dP - rowsum(dO * O)) identity); the Triton backward kernels replace it in the training issue.
+@torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    window_left: Optional[int],
+    window_right: Optional[int],
+    mask_fill: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref, _ = testing.attention_ref(
+            qf, kf, vf, mask, scale=scale, window_left=window_left, window_right=window_right,
+            mask_fill=mask_fill, softcap=softcap, upcast=False,
+        )
+        dq, dk, dv = torch.autograd.grad(ref, (qf, kf, vf), grad_out.float(), allow_unused=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
+                             softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, window_left, window_right, mask_fill, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.params = (scale, window_left, window_right, mask_fill, softcap)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flashfuse.attention_backward(grad_out, q, k, v, mask, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    mask_fill: float = -math.inf,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Fused attention, ``softmax(q kᵀ * scale + mask) v`` with GQA by head map; see ``flashfuse.testing``.
+
+    ``causal=True`` is ``window_right=0`` (key index <= query index). Returns ``[B, Hq, Sq, D]``.
+    """
+    validate_attention_args(q, k, v, mask, window_left, window_right)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if causal:
+        if window_right is not None and window_right != 0:
+            raise ValueError(f"window_right: {window_right} contradicts causal=True")
+        window_right = 0
+    if mask is not None and mask.requires_grad:
+        raise ValueError("mask: a mask or bias that requires grad is not supported yet")
+    out, _ = torch.ops.flashfuse.attention(
+        q, k, v, mask, float(scale), window_left, window_right, float(mask_fill), float(softcap)
+    )
+    return out

@@ -1,0 +1,117 @@
+"""The pass pipeline: an explicit, ordered list, each pass run through one helper that logs, times and dumps.
+
+See ``README.md`` in this folder for the invariants every pass keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from flashfuse.config import Config
+from flashfuse.passes.attention import AttentionSite, NearMiss, find_sites
+from flashfuse.passes.canonicalize import canonicalize
+from flashfuse.passes.rewrite import rewrite_site
+from flashfuse.report import GraphReport, SiteReport
+
+log = logging.getLogger("flashfuse")
+
+__all__ = ["PassContext", "run_pipeline", "PIPELINE"]
+
+
+@dataclasses.dataclass
+class PassContext:
+    config: Config
+    report: GraphReport
+    constants: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
+    sites: list[AttentionSite | NearMiss] = dataclasses.field(default_factory=list)
+    dumper: Any = None
+
+
+def _find(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+    ctx.sites = find_sites(gm, ctx.config, ctx.constants)
+    for site in ctx.sites:
+        if isinstance(site, NearMiss):
+            log.debug("flashfuse: graph %d: %s left alone: %s", ctx.report.graph, site.source, site.reason)
+        else:
+            log.debug("flashfuse: graph %d: %s matched %s", ctx.report.graph, site.source, site.flags)
+    return {"sites": len(ctx.sites), "matched": sum(isinstance(s, AttentionSite) for s in ctx.sites)}
+
+
+def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+    done = 0
+    for site in ctx.sites:
+        if isinstance(site, NearMiss):
+            ctx.report.sites.append(SiteReport(False, site.reason, site.source, dict(site.flags), ctx.report.graph,
+                                               site.hint))
+            continue
+        if not ctx.config.rewrite:
+            ctx.report.sites.append(SiteReport(False, "rewriting is off (options={'rewrite': False})", site.source,
+                                               dict(site.flags), ctx.report.graph))
+            continue
+        rewrite_site(gm, site)
+        ctx.report.sites.append(SiteReport(True, None, site.source, dict(site.flags), ctx.report.graph))
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return {"rewritten": done}
+
+
+#: (name, pass): each pass is ``fn(gm, ctx) -> stats`` and mutates ``gm`` in place
+PIPELINE: list[tuple[str, Callable[[fx.GraphModule, PassContext], dict[str, int]]]] = [
+    ("canonicalize", lambda gm, ctx: canonicalize(gm)),
+    ("find_sites", _find),
+    ("rewrite", _rewrite),
+]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` with its own graph (nodes and meta copied shallowly), sharing parameters."""
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new, val_map
+
+
+def _trusted_constants(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders that hold module buffers, with their values at compile time (mask structure reads them)."""
+    found = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if not isinstance(value, torch.Tensor) or value.requires_grad:
+            continue
+        source = node.meta.get("grapharg")
+        name = str(getattr(getattr(source, "source", None), "name", "") or "")
+        if callable(name):
+            name = name()
+        if "buffers" in node.name or "_buffers" in name:
+            found[node] = value
+    return found
+
+
+def run_pipeline(gm: fx.GraphModule, example_inputs, config: Config, report: GraphReport,
+                 dumper=None) -> fx.GraphModule:
+    work, val_map = copy_graph_module(gm)
+    constants = {val_map[n]: v for n, v in _trusted_constants(gm, example_inputs).items()}
+    ctx = PassContext(config=config, report=report, constants=constants, dumper=dumper)
+    if dumper is not None:
+        dumper.graph(0, "input", work)
+    for index, (name, fn) in enumerate(PIPELINE, start=1):
+        start = time.perf_counter()
+        stats = fn(work, ctx)
+        elapsed = (time.perf_counter() - start) * 1e3
+        report.pass_times_ms[name] = round(elapsed, 3)
+        log.debug("flashfuse: graph %d: pass %s %s (%.1f ms)", report.graph, name, stats, elapsed)
+        if dumper is not None:
+            dumper.graph(index, name, work)
+    return work

@@ -1,0 +1,481 @@
+"""Pass 2: find attention sites. Start at every softmax, walk up to ``q kᵀ`` and down to ``p v``.
+
+Runs on a canonicalized graph (see ``canonicalize.py``). For each softmax it builds either an
+``AttentionSite`` (everything the rewrite needs) or a ``NearMiss`` (the first condition that failed,
+in plain words). Every condition is checked against the nodes' fake values (shapes, dtypes, dims).
+
+The chain it accepts, in forward order::
+
+    s = matmul(q', kᵀ')            q' = q [* c] ...,  kᵀ' = transpose(k [* c], -2, -1) or any [.., D, Sk] tensor
+    s = s * c                       scale: any number of multiplications by Python numbers
+    s = cap * tanh(s / cap)         soft-capping (Gemma 2)
+    s = masked_fill / where / + bias    masks: structure (band) -> kernel flags; data -> one mask tensor
+    p = softmax(to_dtype(s), -1 [, dtype]) [-> to_dtype] [-> dropout(eval)]
+    o = matmul(p, v')               v' = v, or v expanded for GQA (repeat_kv / repeat_interleave)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from flashfuse import ops
+from flashfuse.config import Config
+from flashfuse.passes.canonicalize import to_dtype
+from flashfuse.passes.graph_utils import get_arg, is_scalar, rank, shape, source_line, tensor_val, val
+from flashfuse.passes.masks import Band, MaskAnalyzer, band_of_bias, band_of_keep
+
+__all__ = ["AttentionSite", "NearMiss", "find_sites"]
+
+log = logging.getLogger("flashfuse")
+
+# a fill at or below this is "masked out" (exp underflows to exactly 0 against any real score)
+FILL_THRESHOLD = -1e4
+
+
+@dataclasses.dataclass
+class MaskTerm:
+    """One data mask in the chain: a bool keep-mask (``node``, possibly to be negated) or an additive bias."""
+
+    kind: str  # "bool" or "additive"
+    node: fx.Node
+    negate: bool = False
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    softmax: fx.Node
+    pv: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_transposed: bool  # False: `k` is the [.., D, Sk] operand and needs a transpose
+    gqa_groups: int
+    scale: float
+    softcap: float
+    band: Band
+    mask_fill: float
+    masks: list[MaskTerm]
+    score_rank: int
+    chain: list[fx.Node]  # nodes that die with the rewrite (scores, probs, expansions)
+    source: str
+    dropout: float | None
+    flags: dict[str, Any]
+
+
+@dataclasses.dataclass
+class NearMiss:
+    softmax: fx.Node
+    reason: str
+    source: str
+    hint: str | None = None
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class _Refuse(Exception):
+    def __init__(self, reason: str, hint: str | None = None):
+        super().__init__(reason)
+        self.reason, self.hint = reason, hint
+
+
+def _is(node: Any, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _is_method(node: Any, name: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == name
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "the graph's output (returned to the caller)"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
+
+
+class _SiteFinder:
+    def __init__(self, gm: fx.GraphModule, config: Config, constants: dict[fx.Node, torch.Tensor]):
+        self.gm = gm
+        self.config = config
+        self.masks = MaskAnalyzer(gm, constants)
+
+    def analyse(self, sm: fx.Node) -> AttentionSite | NearMiss:
+        source = source_line(sm)
+        try:
+            return self._analyse(sm, source)
+        except _Refuse as refusal:
+            return NearMiss(sm, refusal.reason, source, refusal.hint)
+        except Exception as exc:  # a bug in the matcher leaves this site alone, not the whole graph
+            log.debug("flashfuse: matcher error at %s", source, exc_info=True)
+            return NearMiss(sm, f"flashfuse internal error while matching ({type(exc).__name__}: {exc})", source)
+
+    # -- the walk -------------------------------------------------------------------------------
+    def _analyse(self, sm: fx.Node, source: str) -> AttentionSite:
+        x, dim = sm.args[0], sm.args[1]
+        r = rank(x)
+        if r is None or r < 2:
+            raise _Refuse("the softmax input is not a tensor of rank >= 2")
+        if dim != r - 1:
+            raise _Refuse(f"the softmax is over dim {dim}, not the last (key) dim {r - 1}")
+        chain: list[fx.Node] = [sm]
+
+        # down: softmax -> [cast] -> [dropout] -> [cast] -> matmul(p, v)
+        cur, dropout_p = sm, None
+        while True:
+            users = list(cur.users)
+            if len(users) != 1:
+                others = ", ".join(_describe(u) for u in users) or "none"
+                raise _Refuse(
+                    f"the attention weights have {len(users)} users ({others}): they are returned, stored or "
+                    "reused, so the softmax cannot be fused away",
+                    hint="do not return the attention weights (for transformers models: output_attentions=False)",
+                )
+            u = users[0]
+            if _is(u, to_dtype):
+                chain.append(u)
+                cur = u
+                continue
+            if _is(u, F.dropout):
+                p, training = u.args[1], u.args[2]
+                if not isinstance(training, bool) or not is_scalar(p):
+                    raise _Refuse("dropout whose probability or training flag is not a constant")
+                if training and p > 0:
+                    raise _Refuse(f"dropout in training mode (p={p}) on the attention weights is not supported yet",
+                                  hint="call model.eval() for inference; training-mode dropout is a later feature")
+                dropout_p = float(p) if training else 0.0
+                chain.append(u)
+                cur = u
+                continue
+            if _is(u, torch.matmul) and u.args[0] is cur:
+                pv = u
+                break
+            raise _Refuse(f"the softmax output feeds {_describe(u)}, not a matmul with V")
+        chain.append(pv)
+
+        # up: scores chain to matmul(q, kᵀ)
+        scale, softcap = 1.0, 0.0
+        band = Band(None, None)
+        fills: list[float] = []
+        masks: list[MaskTerm] = []
+        seen_softcap = False
+        scores_shape = shape(x)
+        cur = x
+        while True:
+            if cur is not x and len(cur.users) != 1:
+                raise _Refuse(f"the attention scores ({cur.name}) have another user besides the softmax")
+            if _is(cur, to_dtype):
+                chain.append(cur)
+                cur = cur.args[0]
+                continue
+            if _is(cur, torch.matmul):
+                qk = cur
+                chain.append(qk)
+                break
+            if _is(cur, torch.mul) and is_scalar(cur.args[1]):
+                inner = cur.args[0]
+                if _is(inner, torch.tanh) and _is(inner.args[0], torch.mul) and is_scalar(inner.args[0].args[1]):
+                    cap, inv = float(cur.args[1]), float(inner.args[0].args[1])
+                    if seen_softcap or cap <= 0 or abs(cap * inv - 1.0) > 1e-6:
+                        raise _Refuse("a tanh on the scores that is not soft-capping cap * tanh(s / cap)")
+                    if scale != 1.0:
+                        raise _Refuse("the scores are scaled after soft-capping")
+                    softcap, seen_softcap = cap, True
+                    chain.extend([cur, inner, inner.args[0]])
+                    cur = inner.args[0].args[0]
+                    continue
+                scale *= float(cur.args[1])
+                chain.append(cur)
+                cur = cur.args[0]
+                continue
+            if _is(cur, torch.mul) and isinstance(cur.args[1], fx.Node) and not isinstance(
+                    val(cur.args[1]), torch.Tensor):
+                raise _Refuse("the scale is not a constant (it is computed at run time)",
+                              hint="compute the scale from static sizes, e.g. head_dim ** -0.5 with a Python int")
+            if _is(cur, torch.masked_fill):
+                scores, m, fill = cur.args
+                fill = self._fill_value(fill)
+                self._check_mask_order(scale, seen_softcap, additive=False)
+                self._mask(m, keep_is_true=False, fill=fill * scale, masks=masks, fills=fills)
+                band = band.intersect(self._pending_band) if self._pending_band else band
+                chain.append(cur)
+                cur = scores
+                continue
+            if _is(cur, torch.where):
+                cond, a, b = cur.args
+                if self._is_chain(a) and not self._is_chain(b):
+                    scores, fill, keep_true = a, b, True
+                elif self._is_chain(b) and not self._is_chain(a):
+                    scores, fill, keep_true = b, a, False
+                else:
+                    raise _Refuse("a torch.where on the scores whose branches are not scores and a fill value")
+                fill = self._fill_value(fill)
+                self._check_mask_order(scale, seen_softcap, additive=False)
+                self._mask(cond, keep_is_true=keep_true, fill=fill * scale, masks=masks, fills=fills)
+                band = band.intersect(self._pending_band) if self._pending_band else band
+                chain.append(cur)
+                cur = scores
+                continue
+            if _is(cur, torch.add):
+                a, b = cur.args
+                if isinstance(b, fx.Node) and self._is_chain(a) and not self._is_chain(b):
+                    scores, bias = a, b
+                elif isinstance(a, fx.Node) and self._is_chain(b) and not self._is_chain(a):
+                    scores, bias = b, a
+                else:
+                    raise _Refuse("an addition to the scores whose other operand is not a mask or bias")
+                self._check_mask_order(scale, seen_softcap, additive=True)
+                self._bias(bias, scores_shape, masks, fills)
+                band = band.intersect(self._pending_band) if self._pending_band else band
+                chain.append(cur)
+                cur = scores
+                continue
+            raise _Refuse(f"the scores pass through {_describe(cur)} before the softmax, which flashfuse cannot fuse")
+
+        # q kᵀ
+        a_op, b_op = qk.args[0], qk.args[1]
+        q, q_scale, q_nodes = self._strip_scale(a_op)
+        kt, k_scale, k_nodes = self._strip_scale(b_op)
+        scale *= q_scale * k_scale
+        if _is(kt, torch.transpose) and kt.args[1:] == (rank(kt) - 2, rank(kt) - 1):
+            k_nodes.append(kt)
+            k, k_scale2, more = self._strip_scale(kt.args[0])
+            scale *= k_scale2
+            k_nodes.extend(more)
+            k_transposed = True
+        else:
+            k, k_transposed = kt, False
+        chain.extend(q_nodes + k_nodes)
+
+        v = pv.args[1]
+        k_src, k_groups, k_exp = self._un_expand(k) if k_transposed else (k, 1, [])
+        v_src, v_groups, v_exp = self._un_expand(v)
+        if k_groups == v_groups and k_groups > 1:
+            k, v, groups = k_src, v_src, k_groups
+            chain.extend(k_exp + v_exp)
+        else:
+            groups = 1
+
+        # verify shapes, dtypes, devices
+        qv, kv_, vv, sv, ov = (tensor_val(n) for n in (q, k, v, qk, pv))
+        if any(t is None for t in (qv, kv_, vv, sv, ov)):
+            raise _Refuse("missing shape information on q, k or v")
+        rq = qv.dim()
+        if sv.dim() != r or rq != r or vv.dim() != r:
+            raise _Refuse(f"q, k, v and the scores have different ranks ({rq}, {kv_.dim()}, {vv.dim()}, {r})")
+        if r > 4:
+            raise _Refuse(f"attention over rank-{r} tensors (flashfuse handles [B, H, S, D], [B*H, S, D], [S, D])")
+        if qv.dtype not in ops.SUPPORTED_DTYPES:
+            raise _Refuse(f"dtype {qv.dtype} unsupported (float16, bfloat16, float32)")
+        if not (qv.dtype == kv_.dtype == vv.dtype == ov.dtype):
+            raise _Refuse(f"q, k, v and the output have different dtypes ({qv.dtype}, {kv_.dtype}, {vv.dtype}, "
+                          f"{ov.dtype})")
+        if qv.device.type not in ops.SUPPORTED_DEVICES:
+            raise _Refuse(f"device {qv.device.type} unsupported (cuda, cpu)")
+        head_dim = qv.shape[-1]
+        if not isinstance(head_dim, int) or not (ops.MIN_HEAD_DIM <= head_dim <= ops.MAX_HEAD_DIM):
+            raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})")
+        if vv.shape[-1] != head_dim:
+            raise _Refuse(f"the value head dim {vv.shape[-1]} differs from the query/key head dim {head_dim}")
+        sk = sv.shape[-1]
+        if isinstance(sk, int) and sk < self.config.min_seq_len:
+            raise _Refuse(f"key length {sk} is below min_seq_len={self.config.min_seq_len}")
+        if not all(statically_known_true(a == b) for a, b in zip(sv.shape[:-2], ov.shape[:-2])):
+            raise _Refuse("the scores and the output have different batch dims")
+        k_last = kv_.shape[-2] if k_transposed else kv_.shape[-1]
+        if not statically_known_true(k_last == sk) or not statically_known_true(vv.shape[-2] == sk):
+            raise _Refuse("the key and value lengths differ from the scores' key dim")
+        if not math.isfinite(scale):
+            raise _Refuse(f"the scale {scale} is not finite")
+        for m in masks:
+            mv = tensor_val(m.node)
+            if mv is not None and mv.requires_grad:
+                raise _Refuse("a mask or bias that requires grad (trainable bias) is not supported yet")
+        n_bool = sum(m.kind == "bool" for m in masks)
+        n_add = sum(m.kind == "additive" for m in masks)
+        if n_bool and n_add:
+            raise _Refuse("both a boolean mask tensor and an additive mask tensor on the same scores")
+        mask_fill = -math.inf
+        if fills:
+            if any(f != fills[0] for f in fills):
+                raise _Refuse(f"masks with different fill values {sorted(set(fills))}")
+            mask_fill = fills[0]
+        if mask_fill > FILL_THRESHOLD:
+            raise _Refuse(f"mask fill value {mask_fill} is not large and negative: masked positions would still "
+                          "contribute to the softmax")
+
+        flags = {
+            "causal": band.hi == 0 and band.lo is None,
+            "window_left": None if band.lo is None else -band.lo,
+            "window_right": band.hi,
+            "gqa_groups": groups,
+            "mask": "none" if not masks else masks[0].kind if len(masks) == 1 else f"{len(masks)}x{masks[0].kind}",
+            "mask_fill": mask_fill,
+            "scale": scale,
+            "softcap": softcap,
+            "dropout": dropout_p,
+            "dtype": str(qv.dtype).replace("torch.", ""),
+            "rank": r,
+        }
+        if band.rules:
+            flags["structure"] = "+".join(sorted(set(band.rules)))
+        return AttentionSite(
+            softmax=sm, pv=pv, q=q, k=k, v=v, k_transposed=k_transposed, gqa_groups=groups, scale=scale,
+            softcap=softcap, band=band, mask_fill=mask_fill, masks=masks, score_rank=r, chain=chain,
+            source=source, dropout=dropout_p, flags=flags,
+        )
+
+    # -- helpers --------------------------------------------------------------------------------
+    _pending_band: Band | None = None
+
+    def _fill_value(self, fill) -> float:
+        if is_scalar(fill):
+            return float(fill)
+        sym = self.masks.evaluate(fill)
+        if sym is not None and not sym.dims and getattr(sym.expr, "is_number", False):
+            return float(sym.expr)
+        raise _Refuse("a mask fill value that is not a constant")
+
+    @staticmethod
+    def _check_mask_order(scale_below: float, seen_softcap: bool, *, additive: bool) -> None:
+        """Walking up, ``scale_below`` is the product of scales applied (in forward order) after this mask."""
+        if seen_softcap:
+            raise _Refuse("a mask applied before soft-capping (the cap would act on the fill value)")
+        if scale_below <= 0 or (additive and scale_below != 1.0):
+            raise _Refuse("the scores are scaled after a mask or bias was applied")
+
+    def _mask(self, m, *, keep_is_true: bool, fill: float, masks, fills) -> None:
+        """A boolean mask ``m`` (keep where ``m == keep_is_true``) filled with ``fill``."""
+        self._pending_band = None
+        mv = tensor_val(m)
+        if mv is None or mv.dtype != torch.bool:
+            raise _Refuse("a mask that is not a boolean tensor")
+        sym = self.masks.evaluate(m)
+        if sym is not None and sym.is_bool():
+            import sympy
+
+            keep = sym if keep_is_true else type(sym)(sympy.Not(sym.expr), sym.dims, sym.sizes, sym.rules)
+            band = band_of_keep(keep, self._scores_rank)
+            if band is not None:
+                self._pending_band = band
+                fills.append(fill)
+                return
+        masks.append(MaskTerm("bool", m, negate=not keep_is_true))
+        fills.append(fill)
+
+    def _bias(self, bias: fx.Node, scores_shape, masks, fills) -> None:
+        self._pending_band = None
+        bv = tensor_val(bias)
+        if bv is None or not bv.dtype.is_floating_point:
+            raise _Refuse("an addition to the scores of a non-float tensor")
+        if len(bv.shape) > len(scores_shape) or not all(
+                b == 1 or statically_known_true(b == s) for b, s in zip(reversed(bv.shape), reversed(scores_shape))):
+            raise _Refuse(f"a bias of shape {tuple(bv.shape)} that broadcasts the scores {tuple(scores_shape)} larger")
+        sym = self.masks.evaluate(bias)
+        if sym is not None:
+            found = band_of_bias(sym, self._scores_rank, FILL_THRESHOLD)
+            if found is not None:
+                band, fill = found
+                self._pending_band = band
+                if fill is not None:
+                    fills.append(fill)
+                return
+        masks.append(MaskTerm("additive", bias))
+
+    def _is_chain(self, node) -> bool:
+        """Does ``node`` lead up to the q kᵀ matmul through score ops (not a mask of its own)?"""
+        for _ in range(16):
+            if not isinstance(node, fx.Node):
+                return False
+            if _is(node, torch.matmul):
+                return True
+            if _is(node, to_dtype) or _is(node, torch.mul) or _is(node, torch.tanh) or _is(node, torch.masked_fill):
+                node = node.args[0]
+                continue
+            if _is(node, torch.add):
+                return self._is_chain(node.args[0]) or self._is_chain(node.args[1])
+            if _is(node, torch.where):
+                return self._is_chain(node.args[1]) or self._is_chain(node.args[2])
+            return False
+        return False
+
+    def _strip_scale(self, node):
+        """Peel ``x * c`` (Python numbers) and ``.contiguous()`` off an operand."""
+        scale, nodes = 1.0, []
+        while True:
+            if _is(node, torch.mul) and is_scalar(node.args[1]) and len(node.users) == 1:
+                scale *= float(node.args[1])
+                nodes.append(node)
+                node = node.args[0]
+            elif _is_method(node, "contiguous") and len(node.users) == 1:
+                nodes.append(node)
+                node = node.args[0]
+            else:
+                return node, scale, nodes
+
+    def _un_expand(self, node):
+        """``(source, groups, nodes)`` for a GQA expansion of ``source`` over dim -3 (heads), else ``(node, 1, [])``."""
+        r = rank(node)
+        if r != 4 or len(node.users) != 1:
+            return node, 1, []
+        # repeat_kv: x[:, :, None, :, :].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)
+        if _is_method(node, "reshape") or _is_method(node, "view") or _is(node, torch.reshape):
+            ex = node.args[0]
+            if (_is_method(ex, "expand") and len(ex.users) == 1 and rank(ex) == 5):
+                un = ex.args[0]
+                src = un.args[0] if isinstance(un, fx.Node) and len(un.users) == 1 else None
+                sv, ev = tensor_val(src), tensor_val(ex)
+                if src is not None and sv is not None and sv.dim() == 4 and _is_unsqueeze_2(un):
+                    groups = ev.shape[2]
+                    B, H, S, Dh = tensor_val(node).shape
+                    if (isinstance(groups, int) and statically_known_true(sv.shape[1] * groups == H)
+                            and statically_known_true(sv.shape[2] == S)):
+                        return src, groups, [node, ex, un]
+        # repeat_interleave(x, n, dim=1)
+        if _is_method(node, "repeat_interleave") or _is(node, torch.repeat_interleave):
+            src = node.args[0]
+            reps = get_arg(node, 1, "repeats", None)
+            dim = get_arg(node, 2, "dim", None)
+            if isinstance(reps, int) and dim in (1, -3) and rank(src) == 4:
+                return src, reps, [node]
+        return node, 1, []
+
+    @property
+    def _scores_rank(self) -> int:
+        return self._current_rank
+
+    def find(self, graph: fx.Graph) -> list[AttentionSite | NearMiss]:
+        results = []
+        for node in list(graph.nodes):
+            if _is(node, torch.softmax):
+                self._current_rank = rank(node.args[0]) or 0
+                results.append(self.analyse(node))
+        return results
+
+
+def _is_unsqueeze_2(node) -> bool:
+    """``x[:, :, None]`` / ``x[:, :, None, :, :]`` / ``x.unsqueeze(2)`` on a rank-4 ``x``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if _is_method(node, "unsqueeze") or _is(node, torch.unsqueeze):
+        return node.args[1] in (2, -3)
+    if _is(node, __import__("operator").getitem):
+        idx = node.args[1]
+        if not isinstance(idx, tuple):
+            return False
+        full = slice(None, None, None)
+        trimmed = list(idx)
+        while trimmed and (trimmed[-1] == full or trimmed[-1] is Ellipsis):
+            trimmed.pop()
+        return trimmed == [full, full, None]
+    return False
+
+
+def find_sites(gm: fx.GraphModule, config: Config, constants: dict[fx.Node, torch.Tensor] | None = None):
+    return _SiteFinder(gm, config, constants or {}).find(gm.graph)

@@ -1,0 +1,131 @@
+"""Pass 3: replace each accepted site by one ``flashfuse::attention`` call on the un-expanded K/V.
+
+The call is inserted right before the ``p @ v`` matmul (every input is computed before it), its
+output replaces that matmul's, and the nodes of the old subgraph that lost their last user are
+erased. Ranks 2 and 3 (``[S, D]``, ``[B*H, S, D]``) are lifted to 4-D with ``unsqueeze`` and back.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from flashfuse.passes.attention import AttentionSite
+from flashfuse.passes.graph_utils import insert_call, set_val, tensor_val
+from flashfuse.passes.canonicalize import to_dtype
+
+__all__ = ["rewrite_site"]
+
+
+def _lift(graph: fx.Graph, node: fx.Node, times: int, like: fx.Node) -> fx.Node:
+    for _ in range(times):
+        node = insert_call(graph, torch.unsqueeze, (node, 0), like=like)
+    return node
+
+
+def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
+    value = tensor_val(node).shape[dim]
+    if isinstance(value, int):
+        return value
+    size = graph.call_method("size", (node, dim))
+    set_val(size, value)
+    return size
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
+    graph = gm.graph
+    pv = site.pv
+    with graph.inserting_before(pv):
+        q, k, v = site.q, site.k, site.v
+        if not site.k_transposed:
+            k = insert_call(graph, torch.transpose, (k, -2, -1), like=pv)
+        lift = 4 - site.score_rank
+        q, k, v = (_lift(graph, t, lift, pv) for t in (q, k, v))
+
+        # batch dims: k/v may broadcast over batch (and over heads: MQA); make batch explicit (a view)
+        qv = tensor_val(q)
+        for name in ("k", "v"):
+            t = k if name == "k" else v
+            tv = tensor_val(t)
+            if tv.shape[0] == 1 and qv.shape[0] != 1:
+                t = insert_call(graph, torch.Tensor.expand, (t, _size(graph, q, 0, pv), -1, -1, -1), like=pv)
+            if name == "k":
+                k = t
+            else:
+                v = t
+
+        mask = None
+        for term in site.masks:
+            m = term.node
+            if term.negate:
+                m = insert_call(graph, torch.logical_not, (m,), like=pv)
+            if mask is None:
+                mask = m
+            elif term.kind == "bool":
+                mask = insert_call(graph, torch.logical_and, (mask, m), like=pv)
+            else:
+                mask = insert_call(graph, torch.add, (mask, m), like=pv)
+        if mask is not None:
+            mv = tensor_val(mask)
+            for _ in range(4 - mv.dim()):
+                mask = insert_call(graph, torch.unsqueeze, (mask, 0), like=pv)
+
+        band = site.band
+        window_left = None if band.lo is None else -band.lo
+        window_right = band.hi
+        call = insert_call(
+            graph,
+            torch.ops.flashfuse.attention.default,
+            (q, k, v, mask, float(site.scale), window_left, window_right, float(site.mask_fill), float(site.softcap)),
+            like=pv,
+        )
+        out = insert_call(graph, operator.getitem, (call, 0), like=pv)
+        for _ in range(lift):
+            out = insert_call(graph, torch.squeeze, (out, 0), like=pv)
+        if tensor_val(out).dtype != tensor_val(pv).dtype:
+            out = insert_call(graph, to_dtype, (out, tensor_val(pv).dtype), like=pv)
+    call.meta["flashfuse_site"] = site.flags
+    pv.replace_all_uses_with(out)
+    _erase_dead(graph, site.chain)
+    return call
+
+
+def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
+    """Erase nodes of the old subgraph (and their now-unused pure inputs) that have no users left."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    pending = sorted(set(candidates), key=lambda n: -order[n])
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if node.graph is not graph or node not in order:
+                pending.remove(node)
+                continue
+            if not node.users and node.op in ("call_function", "call_method"):
+                inputs = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
+                graph.erase_node(node)
+                pending.remove(node)
+                del order[node]
+                for a in inputs:
+                    if a not in pending and a in order and _pure(a):
+                        pending.append(a)
+                changed = True
+
+
+_PURE_METHODS = {"view", "reshape", "transpose", "expand", "unsqueeze", "contiguous", "size", "to", "float", "eq",
+                 "masked_fill", "softmax", "repeat_interleave", "bool", "type_as", "permute", "__getitem__"}
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PURE_METHODS
+    target = node.target
+    if target in (operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                  operator.and_, operator.or_, operator.invert, operator.neg, operator.add, operator.sub,
+                  operator.mul):
+        return True
+    module = getattr(target, "__module__", "") or ""
+    name = getattr(target, "__name__", "")
+    return module.startswith("torch") and not name.endswith("_") and name not in ("manual_seed", "seed")

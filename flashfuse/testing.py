@@ -1,0 +1,101 @@
+"""The eager oracle for ``flashfuse::attention``: the semantics every kernel must reproduce.
+
+``attention_ref`` is plain PyTorch, readable top to bottom. Tests compare kernels against it in
+float64 (``upcast=True``); the op's CPU path without the Triton interpreter runs it in float32.
+
+Semantics (``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]``, ``Hq % Hkv == 0``):
+
+1. query head ``h`` reads key/value head ``h // (Hq // Hkv)`` (GQA/MQA without copies);
+2. ``s = (q @ kᵀ) * scale``; if ``softcap > 0``: ``s = softcap * tanh(s / softcap)``;
+3. a float ``mask`` is added to ``s`` (broadcast to ``[B, Hq, Sq, Sk]``); a bool ``mask`` keeps the
+   positions where it is True;
+4. structure: with ``d = j - i`` (key index minus query index) a position is kept only if
+   ``-window_left <= d <= window_right`` (``None`` = unbounded; causal is ``window_right = 0``);
+5. positions not kept (by 3's bool mask or 4) are out of the softmax: probability exactly 0;
+6. a row whose positions are all out: NaN when ``mask_fill`` is ``-inf`` (what ``softmax`` of an
+   all ``-inf`` row gives); for a finite ``mask_fill`` (``finfo.min``, ``-1e4`` ...) the original
+   code saw every score equal to the fill, so the row is the mean of ``v`` over all ``Sk`` keys.
+   The same holds when the kept positions' scores are themselves at or below ``mask_fill / 2``
+   (an additive ``finfo.min`` bias on top of a boolean ``finfo.min`` fill: all equal in fp32).
+7. ``lse`` is the natural log-sum-exp of the kept scores of each row, float32 ``[B, Hq, Sq]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_ref", "structure_keep", "expand_kv"]
+
+
+def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """``[B, Hkv, S, D] -> [B, Hq, S, D]`` by the head map ``h -> h // (Hq // Hkv)``."""
+    groups = hq // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def structure_keep(sq: int, sk: int, window_left, window_right, device=None) -> torch.Tensor | None:
+    """Bool ``[Sq, Sk]``: True where ``-window_left <= j - i <= window_right``; None if unbounded."""
+    if window_left is None and window_right is None:
+        return None
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window_right is not None:
+        keep &= (j - i) <= window_right
+    if window_left is not None:
+        keep &= (j - i) >= -window_left
+    return keep
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    mask_fill: float = -math.inf,
+    softcap: float = 0.0,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(out, lse)``; ``out`` in ``q.dtype`` (float64 if ``upcast``), ``lse`` float32."""
+    out_dtype = torch.float64 if upcast else q.dtype
+    work = torch.float64 if upcast else torch.float32
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    qf, kf, vf = q.to(work), expand_kv(k.to(work), Hq), expand_kv(v.to(work), Hq)
+
+    s = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    keep = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            s = s + mask.to(work)
+    struct = structure_keep(Sq, Sk, window_left, window_right, device=q.device)
+    if struct is not None:
+        keep = keep & struct
+    s = s.masked_fill(~keep, -math.inf)
+
+    m = s.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m_safe)
+    l = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vf) / l  # 0/0 = NaN for rows with nothing kept
+    lse = (torch.log(l) + m_safe).squeeze(-1)
+
+    if math.isfinite(mask_fill):
+        # rule 6: rows that the original saw as all-fill are the plain mean of v
+        empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
+        if empty.any():
+            out = torch.where(empty[..., None], vf.mean(dim=-2, keepdim=True).expand_as(out), out)
+            lse = torch.where(empty, torch.full_like(lse, mask_fill + math.log(Sk)), lse)
+    return out.to(out_dtype), lse.to(torch.float32)

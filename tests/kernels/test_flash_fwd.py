@@ -1,0 +1,408 @@
+"""Tests for ``flashfuse/kernels/flash_fwd.py`` against ``flashfuse.testing.attention_ref``.
+
+The numerics rule (STYLE.md, habit 8): inputs are drawn in the target dtype; the reference runs in
+float64 (``upcast=True``); the kernel's max and mean error may be at most 2x the error of the eager
+"low precision" path (``upcast=False``) plus a small slack ``EPS``. NaN must appear exactly where the
+reference has NaN. ``torch.empty`` is poisoned with NaN for the whole file, so an output element the
+kernel forgets to write fails the NaN check.
+
+Without CUDA, tests/conftest.py sets ``TRITON_INTERPRET=1`` and everything runs the real kernel under
+the Triton interpreter on the CPU; the ``gpu`` tests add long sequences on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flashfuse.kernels import flash_fwd
+from flashfuse.kernels.flash_fwd import flash_attention_forward
+from flashfuse.testing import attention_ref, expand_kv
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+FP32_MIN = torch.finfo(torch.float32).min
+
+# Slack on top of 2x the eager error, for the max error: 1e-5 in fp32; about half an ulp at 1.0 for the
+# 16-bit types (outputs are averages of N(0, 1) values, so |out| < 1 nearly always). The mean error gets
+# EPS / 8: a systematic bias (e.g. truncating instead of rounding to bf16) shows up in the mean first.
+EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}
+LSE_EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(monkeypatch):
+    torch.manual_seed(0)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout="bhsd", Dv=None):
+    """Fresh N(0, 1) inputs in ``dtype``; ``bshd`` makes ``[B, S, H, D]`` and views it as ``[B, H, S, D]``."""
+    Dv = D if Dv is None else Dv
+
+    def make(H, S, d):
+        if layout == "bshd":
+            return torch.randn(B, S, H, d, dtype=dtype, device=device).transpose(1, 2)
+        return torch.randn(B, H, S, d, dtype=dtype, device=device)
+
+    return make(Hq, Sq, D), make(Hkv, Sk, D), make(Hkv, Sk, Dv)
+
+
+def _check(q, k, v, mask=None, *, scale=None, **kw):
+    """Run kernel, float64 reference and eager low precision; assert the numerics rule. Returns both."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = flash_attention_forward(q, k, v, mask, scale=scale, **kw)
+    ref, ref_lse = attention_ref(q, k, v, mask, scale=scale, upcast=True, **kw)
+    low, low_lse = attention_ref(q, k, v, mask, scale=scale, upcast=False, **kw)
+
+    B, Hq, Sq, _ = q.shape
+    assert out.shape == (B, Hq, Sq, v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from the reference"
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf()), "-inf lse pattern differs from the reference"
+    assert not lse.isnan().any()
+
+    keep = ~ref.isnan()
+    if keep.any():
+        err = (out.double() - ref)[keep].abs()
+        eager = (low.double() - ref)[keep].abs()
+        eps = EPS[q.dtype]
+        assert err.max() <= 2 * eager.max() + eps, f"max error {err.max():.3e} vs eager {eager.max():.3e}"
+        assert err.mean() <= 2 * eager.mean() + eps / 8, f"mean error {err.mean():.3e} vs eager {eager.mean():.3e}"
+
+    fin = ref_lse.isfinite()
+    if fin.any():
+        lerr = (lse.double() - ref_lse.double())[fin].abs().max()
+        leager = (low_lse.double() - ref_lse.double())[fin].abs().max()
+        assert lerr <= 2 * leager + LSE_EPS, f"lse error {lerr:.3e} vs eager {leager:.3e}"
+    return out, lse, ref, ref_lse
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes x dtypes x layouts x structure
+# ----------------------------------------------------------------------------------------------
+
+# A covering subset rather than the full product: every head dim, dtype, layout and GQA ratio appears,
+# together with ragged lengths (1, 17, 97, 61, 33) and Sq != Sk both ways.
+SHAPES = [
+    # B, Hq, Hkv, Sq, Sk, D, dtype, layout
+    (1, 2, 2, 1, 97, 64, FP16, "bhsd"),  # one query row (decode-like)
+    (2, 4, 2, 17, 17, 80, BF16, "bshd"),  # D=80 padded to 128; GQA 2; BSHD strides
+    (1, 4, 1, 97, 97, 128, FP32, "bshd"),  # MQA
+    (1, 4, 4, 97, 61, 16, FP16, "bhsd"),  # smallest head dim; Sq > Sk
+    (1, 8, 2, 61, 97, 256, BF16, "bhsd"),  # largest head dim; GQA 4
+    (2, 2, 1, 33, 1, 96, FP32, "bhsd"),  # one key
+    (1, 2, 1, 17, 97, 32, FP16, "bshd"),
+]
+WINDOWS = {"full": (None, None), "causal": (None, 0), "window7": (7, 0)}
+
+
+def _shape_id(s):
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout = s
+    return f"B{B}-H{Hq}/{Hkv}-Sq{Sq}-Sk{Sk}-D{D}-{str(dtype)[6:]}-{layout}"
+
+
+@pytest.mark.parametrize("window", list(WINDOWS.values()), ids=list(WINDOWS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[_shape_id(s) for s in SHAPES])
+def test_matches_reference(shape, window, device):
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout = shape
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout)
+    _check(q, k, v, window_left=window[0], window_right=window[1])
+
+
+@pytest.mark.parametrize(
+    "window",
+    [(3, 5), (0, None), (None, -1), (5, -2), (-2, 4), (0, 0), (200, 200)],
+    ids=["band3-5", "anticausal", "strict-causal", "left5-right-2", "left-2-right4", "diagonal", "wider-than-seq"],
+)
+@pytest.mark.parametrize("sq,sk", [(97, 61), (17, 97)])
+def test_window_variants(window, sq, sk, device):
+    # negative bounds leave some rows with no key at all: NaN with the default -inf fill
+    q, k, v = _qkv(1, 2, 1, sq, sk, 64, FP16, device)
+    _check(q, k, v, window_left=window[0], window_right=window[1])
+
+
+@pytest.mark.parametrize(
+    "block_m,block_n", [(16, 16), (16, 32), (64, 16)], ids=["16x16", "16x32", "64x16"]
+)
+@pytest.mark.parametrize("window", [(None, 0), (7, 0), (3, 5)], ids=["causal", "window7", "band3-5"])
+def test_block_shapes(block_m, block_n, window, device, monkeypatch):
+    # The three loop phases (left edge, inside, right edge) depend on how blocks fall against the window;
+    # other tile shapes must give the same answer.
+    cfg = flash_fwd.FwdConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
+    monkeypatch.setattr(flash_fwd, "_pick_config", lambda *args: cfg)
+    q, k, v = _qkv(1, 2, 1, 97, 61, 32, FP32, device)
+    mask = torch.rand(97, 61, device=device) > 0.2
+    _check(q, k, v, mask, window_left=window[0], window_right=window[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------------------------
+
+MASK_SHAPES = {
+    "B11K": lambda B, H, Sq, Sk: (B, 1, 1, Sk),  # padding mask
+    "B1QK": lambda B, H, Sq, Sk: (B, 1, Sq, Sk),  # HF 4-D mask
+    "QK": lambda B, H, Sq, Sk: (Sq, Sk),
+    "BHQK": lambda B, H, Sq, Sk: (B, H, Sq, Sk),
+    "H1K": lambda B, H, Sq, Sk: (H, 1, Sk),
+}
+
+
+def _random_mask(shape, kind, device):
+    keep = torch.rand(shape, device=device) > 0.3
+    if kind == "bool":
+        return keep
+    dtype = {"add-fp32": FP32, "add-fp16": FP16, "add-bf16": BF16}[kind]
+    bias = torch.randn(shape, device=device).to(dtype)
+    # masked positions as HF writes them: finfo(dtype).min, plus a few true -inf
+    bias = bias.masked_fill(~keep, torch.finfo(dtype).min)
+    return bias.masked_fill(torch.rand(shape, device=device) > 0.95, float("-inf"))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["nocausal", "causal"])
+@pytest.mark.parametrize("kind", ["bool", "add-fp32"])
+@pytest.mark.parametrize("mshape", list(MASK_SHAPES))
+def test_masks(mshape, kind, causal, device):
+    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 33, 47
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 64, FP16, device, "bshd")
+    mask = _random_mask(MASK_SHAPES[mshape](B, Hq, Sq, Sk), kind, device)
+    _check(q, k, v, mask, window_right=0 if causal else None)
+
+
+@pytest.mark.parametrize("kind,dtype", [("add-fp16", FP16), ("add-bf16", BF16), ("add-fp32", BF16), ("bool", FP32)])
+def test_mask_dtypes(kind, dtype, device):
+    q, k, v = _qkv(1, 2, 1, 17, 97, 64, dtype, device)
+    _check(q, k, v, _random_mask((1, 1, 17, 97), kind, device))
+
+
+def test_mask_expanded_view_not_copied(device):
+    # An expanded (stride-0) mask must be read in place: a mask whose rows differ only through the
+    # broadcast view gives the same result as its dense copy.
+    q, k, v = _qkv(2, 4, 2, 17, 33, 32, FP32, device)
+    small = torch.rand(2, 1, 1, 33, device=device) > 0.3
+    expanded = small.expand(2, 4, 17, 33)
+    out_view, _ = flash_attention_forward(q, k, v, expanded, scale=0.2)
+    out_dense, _ = flash_attention_forward(q, k, v, expanded.contiguous(), scale=0.2)
+    assert torch.equal(out_view, out_dense)
+    _check(q, k, v, expanded, scale=0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# fully masked rows (testing.py rule 6)
+# ----------------------------------------------------------------------------------------------
+
+
+def _mask_with_empty_rows(B, Sq, Sk, device):
+    keep = torch.rand(B, 1, Sq, Sk, device=device) > 0.3
+    keep[0, :, 0] = False
+    keep[0, :, 5] = False
+    keep[1, :, Sq - 1] = False
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("kind", ["bool", "add-neg-inf"])
+def test_empty_rows_neg_inf_fill_give_nan(kind, dtype, device):
+    B, Sq, Sk = 2, 17, 33
+    q, k, v = _qkv(B, 4, 2, Sq, Sk, 32, dtype, device)
+    keep = _mask_with_empty_rows(B, Sq, Sk, device)
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+    out, lse, ref, _ = _check(q, k, v, mask)
+    for b, i in [(0, 0), (0, 5), (1, Sq - 1)]:
+        assert out[b, :, i].isnan().all() and lse[b, :, i].isneginf().all()
+    assert out[0, :, 1].isfinite().all()
+
+
+def _assert_rows_are_v_mean(out, lse, v, rows, Hq, Sk, fill):
+    vmean = expand_kv(v.double().mean(dim=-2, keepdim=True), Hq)  # [B, Hq, 1, Dv]
+    tol = {FP32: 1e-6, FP16: 1e-3, BF16: 8e-3}[out.dtype]
+    for b, i in rows:
+        torch.testing.assert_close(out[b, :, i].double(), vmean[b, :, 0], atol=tol, rtol=0)
+        expected_lse = torch.tensor(fill + math.log(Sk), dtype=torch.float32)
+        assert torch.equal(lse[b, :, i].cpu(), expected_lse.expand(Hq))
+
+
+@pytest.mark.parametrize("dtype", [FP32, FP16])
+@pytest.mark.parametrize("fill", [FP32_MIN, -1e4], ids=["finfo-min", "-1e4"])
+def test_empty_rows_finite_fill_give_v_mean(fill, dtype, device):
+    B, Hq, Sq, Sk = 2, 4, 17, 33
+    q, k, v = _qkv(B, Hq, 2, Sq, Sk, 32, dtype, device)
+    keep = _mask_with_empty_rows(B, Sq, Sk, device)
+    out, lse, _, _ = _check(q, k, v, keep, mask_fill=fill)
+    assert not out.isnan().any()
+    _assert_rows_are_v_mean(out, lse, v, [(0, 0), (0, 5), (1, Sq - 1)], Hq, Sk, fill)
+
+
+def test_additive_fill_mask_with_finite_fill(device):
+    # HF style: a float mask holding finfo.min, mask_fill = finfo.min. A row whose kept scores are all
+    # about finfo.min is "all equal" in eager fp32, hence the mean of v (the max <= fill / 2 clause).
+    # Times log2(e) such a bias overflows fp32: the kernel must clamp it, not turn it into -inf.
+    B, Hq, Sq, Sk = 2, 4, 17, 33
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk, 32, FP32, device, "bshd")
+    keep = _mask_with_empty_rows(B, Sq, Sk, device)
+    bias = torch.zeros(keep.shape, device=device).masked_fill(~keep, FP32_MIN)
+    for window_right in (None, 0):
+        out, lse, _, _ = _check(q, k, v, bias, mask_fill=FP32_MIN, window_right=window_right)
+        assert not out.isnan().any()
+        _assert_rows_are_v_mean(out, lse, v, [(0, 0), (0, 5), (1, Sq - 1)], Hq, Sk, FP32_MIN)
+
+
+def test_additive_fill_mask_with_neg_inf_fill(device):
+    # Same bias, default -inf fill: eager fp32 sees equal scores too, so the rows are still the mean of v
+    # (no rule-6 patching involved; the kernel gets there through the clamp alone).
+    B, Hq, Sq, Sk = 1, 2, 17, 33
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk, 32, FP32, device)
+    bias = torch.zeros(B, 1, Sq, Sk, device=device)
+    bias[0, :, 3] = FP32_MIN
+    out, _, _, _ = _check(q, k, v, bias)
+    vmean = v.double().mean(dim=-2)[0, 0]
+    torch.testing.assert_close(out[0, :, 3].double(), vmean.expand(Hq, -1), atol=1e-6, rtol=0)
+
+
+def test_structure_empty_rows_finite_fill(device):
+    # window_right = -1 leaves row 0 without keys; Sq > Sk + window_left leaves the last rows without keys
+    B, Hq, Sq, Sk = 1, 2, 40, 21
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk, 64, BF16, device)
+    out, lse, _, _ = _check(q, k, v, window_left=7, window_right=-1, mask_fill=FP32_MIN)
+    rows = [(0, 0)] + [(0, i) for i in range(Sk + 7, Sq)]
+    _assert_rows_are_v_mean(out, lse, v, rows, Hq, Sk, FP32_MIN)
+    out, lse, _, _ = _check(q, k, v, window_left=7, window_right=-1)
+    assert all(out[0, :, i].isnan().all() for _, i in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# softcap, strides, head dims, lse
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("causal", [False, True], ids=["nocausal", "causal"])
+def test_softcap(dtype, causal, device):
+    # scale 0.5 at D=64 makes |s| reach ~10-20, so tanh saturates on part of the scores
+    q, k, v = _qkv(1, 4, 2, 97, 61, 64, dtype, device, "bshd")
+    _check(q, k, v, scale=0.5, softcap=15.0, window_right=0 if causal else None)
+    # softcap with a mask and a window together
+    mask = torch.rand(97, 61, device=device) > 0.3
+    _check(q, k, v, mask, scale=0.5, softcap=15.0, window_left=7, window_right=0)
+
+
+@pytest.mark.parametrize("dtype", [FP16, FP32])
+def test_arbitrary_strides(dtype, device):
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 33, 47, 64
+    # q: a slice of a wider tensor (row stride 2 * D, storage offset); k: stride-0 batch (expanded);
+    # v: head dim not innermost (stride_vd = Sk, stride_vn = 1)
+    q = torch.randn(B, Hq, Sq, 2 * D, dtype=dtype, device=device)[..., D:]
+    k = torch.randn(1, Hkv, Sk, D, dtype=dtype, device=device).expand(B, Hkv, Sk, D)
+    v = torch.randn(B, Hkv, D, Sk, dtype=dtype, device=device).transpose(-1, -2)
+    assert not q.is_contiguous() and k.stride(0) == 0 and v.stride(-1) == Sk
+    _check(q, k, v, window_left=7, window_right=0)
+
+
+@pytest.mark.parametrize("d,dv", [(32, 64), (128, 64), (80, 96)])
+def test_value_head_dim_differs(d, dv, device):
+    q, k, v = _qkv(1, 2, 1, 33, 47, d, FP16, device, Dv=dv)
+    _check(q, k, v, window_right=0)
+
+
+def test_lse_is_natural_log_sum_exp(device):
+    q, k, v = _qkv(1, 2, 2, 17, 33, 32, FP32, device)
+    scale = 0.3
+    _, lse = flash_attention_forward(q, k, v, scale=scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_empty_query(device):
+    q, k, v = _qkv(1, 2, 1, 0, 17, 32, FP16, device)
+    out, lse = flash_attention_forward(q, k, v, scale=0.1)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=FP16):
+    return torch.zeros(shape, dtype=dtype)
+
+
+BAD_ARGS = {
+    "q-3d": (dict(q=_t(2, 3, 16)), r"q: expected 4-D \[B, Hq, Sq, D\], got shape \(2, 3, 16\)"),
+    "k-3d": (dict(k=_t(2, 3, 16)), r"k: expected 4-D \[B, Hkv, Sk, D\]"),
+    "v-5d": (dict(v=_t(1, 1, 2, 3, 16)), r"v: expected 4-D"),
+    "dtype-mix": (dict(k=_t(1, 2, 3, 16, dtype=FP32)), r"q/k/v dtype"),
+    "dtype-fp64": (
+        dict(q=_t(1, 2, 3, 16, dtype=torch.float64), k=_t(1, 2, 3, 16, dtype=torch.float64),
+             v=_t(1, 2, 3, 16, dtype=torch.float64)),
+        r"q/k/v dtype",
+    ),
+    "gqa": (dict(q=_t(1, 32, 3, 16), k=_t(1, 5, 3, 16), v=_t(1, 5, 3, 16)), r"Hq \(32\) must be a multiple of Hkv \(5\)"),
+    "head-dim-300": (
+        dict(q=_t(1, 2, 3, 300), k=_t(1, 2, 3, 300), v=_t(1, 2, 3, 300)), r"head dim 300 unsupported: 16\.\.256"
+    ),
+    "head-dim-8": (dict(q=_t(1, 2, 3, 8), k=_t(1, 2, 3, 8), v=_t(1, 2, 3, 8)), r"head dim 8 unsupported"),
+    "v-head-dim-512": (dict(v=_t(1, 2, 3, 512)), r"v head dim 512 unsupported"),
+    "k-head-dim": (dict(k=_t(1, 2, 3, 32)), r"k: head dim 32"),
+    "k-batch": (dict(k=_t(2, 2, 3, 16), v=_t(2, 2, 3, 16)), r"k: batch 2"),
+    "v-seq": (dict(v=_t(1, 2, 4, 16)), r"v: expected \[B, Hkv, Sk, Dv\]"),
+    "mask-shape": (dict(mask=torch.ones(4, 3, dtype=torch.bool)), r"mask: shape \(4, 3\) not broadcastable to \[B,Hq,Sq,Sk\]"),
+    "mask-5d": (dict(mask=torch.ones(1, 1, 2, 3, 3, dtype=torch.bool)), r"mask: shape .* not broadcastable"),
+    "mask-dtype": (dict(mask=torch.ones(3, 3, dtype=torch.int32)), r"mask dtype"),
+    "mask-type": (dict(mask=[[True]]), r"mask: expected a torch.Tensor"),
+    "scale-inf": (dict(scale=math.inf), r"scale: expected a finite float"),
+    "scale-str": (dict(scale="0.1"), r"scale: expected a float"),
+    "window-float": (dict(window_left=1.5), r"window_left: expected an int or None"),
+    "window-bool": (dict(window_right=True), r"window_right: expected an int or None"),
+    "mask-fill-nan": (dict(mask_fill=math.nan), r"mask_fill"),
+    "mask-fill-pos-inf": (dict(mask_fill=math.inf), r"mask_fill"),
+    "softcap-negative": (dict(softcap=-1.0), r"softcap: expected a finite float >= 0"),
+    "q-not-tensor": (dict(q=None), r"q: expected a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("override,match", list(BAD_ARGS.values()), ids=list(BAD_ARGS))
+def test_bad_arguments_raise_value_error(override, match):
+    args = dict(q=_t(1, 2, 3, 16), k=_t(1, 2, 3, 16), v=_t(1, 2, 3, 16), mask=None, scale=0.25)
+    args.update(override)
+    q, k, v, mask = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("mask")
+    with pytest.raises(ValueError, match=match):
+        flash_attention_forward(q, k, v, mask, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: long sequences (the reference needs [B, H, S, S] float64: ~2 GB per head group at S = 8192)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seq", [1000, 8192])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["nocausal", "causal"])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_gpu_long_sequences(dtype, causal, d, seq):
+    q, k, v = _qkv(1, 4, 2, seq, seq, d, dtype, "cuda", "bshd")
+    _check(q, k, v, window_right=0 if causal else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_gpu_padding_mask_and_window(dtype):
+    B, Hq, Hkv, Sq, Sk = 2, 8, 2, 2049, 3001
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 128, dtype, "cuda")
+    pad = torch.arange(Sk, device="cuda")[None, None, None, :] < torch.tensor([Sk, 1500], device="cuda")[:, None, None, None]
+    _check(q, k, v, pad, window_left=511, window_right=0)
