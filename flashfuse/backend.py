@@ -53,6 +53,9 @@ def analyse(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.Grap
         new_gm = _passes(gm, example_inputs, config, graph_report)
     except Exception as exc:  # never break a compile
         graph_report.fallback = f"{type(exc).__name__}: {exc}"
+        for site in graph_report.sites:
+            site.rewritten = False
+            site.reason = f"flashfuse's passes failed on this graph ({type(exc).__name__}); it went to Inductor unchanged"
         log.debug("flashfuse: graph %d: passes failed", graph_report.graph, exc_info=True)
         warnings.warn(
             f"flashfuse: an internal error in its passes ({type(exc).__name__}: {exc}); graph {graph_report.graph} "

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["attention_ref", "structure_keep", "expand_kv"]
+__all__ = ["attention_ref", "attention_backward_ref", "structure_keep", "expand_kv"]
 
 
 def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -99,3 +99,64 @@ def attention_ref(
             out = torch.where(empty[..., None], vf.mean(dim=-2, keepdim=True).expand_as(out), out)
             lse = torch.where(empty, torch.full_like(lse, mask_fill + math.log(Sk)), lse)
     return out.to(out_dtype), lse.to(torch.float32)
+
+
+def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work):
+    """``(p, tanh_term, empty_rows)`` as the forward computes them, in ``work`` precision."""
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[-2]
+    qf, kf = q.to(work), expand_kv(k.to(work), Hq)
+    s = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    keep = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = keep & mask
+        else:
+            s = s + mask.to(work)
+    struct = structure_keep(Sq, Sk, window_left, window_right, device=q.device)
+    if struct is not None:
+        keep = keep & struct
+    s = s.masked_fill(~keep, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m_safe)
+    l = p.sum(dim=-1, keepdim=True)
+    p = p / l
+    empty = torch.zeros(B, Hq, Sq, dtype=torch.bool, device=q.device)
+    if math.isfinite(mask_fill):
+        empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
+        p = torch.where(empty[..., None], torch.full_like(p, 1.0 / Sk), p)
+    return p, t, empty
+
+
+def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[B, Hq, ...] -> [B, Hkv, ...]``: the adjoint of ``expand_kv``."""
+    B, Hq = x.shape[:2]
+    return x.reshape(B, hkv, Hq // hkv, *x.shape[2:]).sum(dim=2)
+
+
+def attention_backward_ref(grad_out, q, k, v, mask=None, *, scale, window_left=None, window_right=None,
+                           mask_fill=-math.inf, softcap=0.0, upcast=True):
+    """``(dq, dk, dv)`` of ``attention_ref``'s output, by the standard identities (no autograd needed).
+
+    ``dS = P * (dP - rowsum(dP * P))``; soft-capping multiplies by ``1 - tanh²``; rows that are the
+    plain mean of ``v`` (rule 6) pass no gradient to ``q`` and ``k``; GQA sums over each group.
+    """
+    work = torch.float64 if upcast else torch.float32
+    Hq, Hkv = q.shape[1], k.shape[1]
+    p, t, empty = _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work)
+    do = grad_out.to(work)
+    kf, vf = expand_kv(k.to(work), Hq), expand_kv(v.to(work), Hq)
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    dp = torch.matmul(do, vf.transpose(-2, -1))
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    ds = torch.where(empty[..., None], torch.zeros_like(ds), ds)
+    if t is not None:
+        ds = ds * (1 - t * t)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q.to(work)) * scale
+    return dq.to(q.dtype), _sum_groups(dk, Hkv).to(k.dtype), _sum_groups(dv, Hkv).to(v.dtype)

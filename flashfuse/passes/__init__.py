@@ -46,6 +46,7 @@ def _find(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
 
 def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
     done = 0
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier site's output may be a later site's q, k, v or mask
     for site in ctx.sites:
         if isinstance(site, NearMiss):
             ctx.report.sites.append(SiteReport(False, site.reason, site.source, dict(site.flags), ctx.report.graph,
@@ -55,7 +56,10 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
             ctx.report.sites.append(SiteReport(False, "rewriting is off (options={'rewrite': False})", site.source,
                                                dict(site.flags), ctx.report.graph))
             continue
-        rewrite_site(gm, site)
+        site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
+        for term in site.masks:
+            term.node = replaced.get(term.node, term.node)
+        replaced[site.pv] = rewrite_site(gm, site)
         ctx.report.sites.append(SiteReport(True, None, site.source, dict(site.flags), ctx.report.graph))
         done += 1
     gm.graph.lint()

@@ -168,7 +168,7 @@ class _SiteFinder:
         scores_shape = shape(x)
         cur = x
         while True:
-            if cur is not x and len(cur.users) != 1:
+            if len(cur.users) != 1:
                 raise _Refuse(f"the attention scores ({cur.name}) have another user besides the softmax")
             if _is(cur, to_dtype):
                 chain.append(cur)

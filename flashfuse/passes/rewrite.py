@@ -35,6 +35,7 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
+    """Rewrite one site; returns the node that now stands for the old ``p @ v``."""
     graph = gm.graph
     pv = site.pv
     with graph.inserting_before(pv):
@@ -89,7 +90,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
     call.meta["flashfuse_site"] = site.flags
     pv.replace_all_uses_with(out)
     _erase_dead(graph, site.chain)
-    return call
+    return out
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:

@@ -1,0 +1,174 @@
+"""The backend's contract: entry point, options, mode, fallback, explain, Inductor end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flashfuse
+from flashfuse import report as _report
+from tests.helpers import assert_matches_eager, compile_and_report, qkv
+from tests.passes.test_patterns import NanoGPTAttention
+
+
+def naive(q, k, v):
+    return ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+
+
+def test_entry_point_without_import():
+    code = textwrap.dedent("""
+        import sys, torch
+        def f(q, k, v):
+            return ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+        q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+        out = torch.compile(f, backend="flashfuse", options={"inductor": False})(q, k, v)
+        assert torch.allclose(out, f(q, k, v), atol=1e-5)
+        rep = sys.modules["flashfuse"].last_report()
+        print("REWRITTEN", rep.rewritten, rep.total)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REWRITTEN 1 1" in res.stdout
+
+
+def test_unknown_option_lists_valid_keys():
+    with pytest.raises(Exception) as info:
+        torch.compile(naive, backend="flashfuse", options={"fp9": True})(*qkv(S=8))
+    err = info.value
+    chain = [err, err.__cause__, getattr(err, "inner_exception", None)]
+    assert any(isinstance(e, ValueError) for e in chain), repr(err)
+    assert "unknown option(s) ['fp9']" in str(err) and "debug_dir" in str(err) and "min_seq_len" in str(err)
+
+
+def test_option_types_are_checked():
+    from flashfuse.config import split_options
+
+    with pytest.raises(ValueError, match="'verify' expects a bool"):
+        split_options({"verify": "yes"})
+    config, inductor = split_options({"min_seq_len": 64, "max_autotune": True})
+    assert config.min_seq_len == 64 and inductor == {"max_autotune": True}
+
+
+def test_env_options(monkeypatch, tmp_path):
+    from flashfuse.config import split_options
+
+    monkeypatch.setenv("FLASHFUSE_DEBUG_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASHFUSE_VERIFY", "1")
+    config, _ = split_options({"verify": False})
+    assert config.debug_dir == str(tmp_path) and config.verify is False
+
+
+def test_mode_and_inductor_options_reach_compile_fx(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+    real = cfx.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    from flashfuse.backend import flashfuse_backend
+
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    flashfuse_backend(gm, [torch.randn(3)], mode="max-autotune-no-cudagraphs")
+    assert seen.get("max_autotune") is True
+    seen.clear()
+    flashfuse_backend(gm, [torch.randn(3)], options={"epilogue_fusion": False})
+    assert seen == {"epilogue_fusion": False}
+
+
+def test_min_seq_len_option():
+    _, rep = compile_and_report(naive, *qkv(S=16), min_seq_len=32)
+    assert rep.rewritten == 0 and "below min_seq_len=32" in rep.sites[0].reason
+
+
+def test_rewrite_off_reports_without_rewriting():
+    _, rep = compile_and_report(naive, *qkv(S=16), rewrite=False)
+    assert rep.total == 1 and rep.rewritten == 0 and "rewriting is off" in rep.sites[0].reason
+
+
+def test_failure_in_passes_falls_back_to_inductor(monkeypatch):
+    import flashfuse.passes as passes
+
+    def broken(gm, ctx):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(passes, "PIPELINE", [passes.PIPELINE[0], ("broken", broken)])
+    args = qkv(S=12)
+    with pytest.warns(RuntimeWarning, match="injected failure"):
+        out, rep = compile_and_report(naive, *args, inductor=True)
+    assert rep.fallbacks == ["RuntimeError: injected failure"]
+    assert rep.rewritten == 0
+    assert torch.allclose(out, naive(*args), atol=1e-5)
+
+
+def test_inductor_failure_on_rewritten_graph_falls_back(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def picky(gm, example_inputs, **kw):
+        if "flashfuse" in gm.code:
+            raise RuntimeError("inductor says no")
+        return real(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", picky)
+    args = qkv(S=12)
+    with pytest.warns(RuntimeWarning, match="inductor says no"):
+        out, rep = compile_and_report(naive, *args, inductor=True)
+    assert rep.rewritten == 0 and "failed to compile" in rep.sites[0].reason
+    assert torch.allclose(out, naive(*args), atol=1e-5)
+
+
+def test_inductor_end_to_end_nanogpt():
+    model = NanoGPTAttention().eval()
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        out, rep = compile_and_report(model, x, inductor=True)
+    assert rep.rewritten == 1 and rep.sites[0].flags["causal"] is True
+    with torch.no_grad():
+        assert_matches_eager(model, (x,), out)
+
+
+def test_explain_report_shape():
+    rep = flashfuse.explain(NanoGPTAttention().eval(), torch.randn(1, 20, 64))
+    assert rep.total == 1 and rep.rewritten == 1
+    site = rep.sites[0]
+    assert site.rewritten is True and site.reason is None
+    assert site.source.startswith(os.path.join(os.path.dirname(__file__), "passes", "test_patterns.py"))
+    assert site.flags["causal"] is True and site.flags["gqa_groups"] == 1 and site.flags["mask"] == "none"
+    assert "1/1 attention sites rewritten" in str(rep) and "causal=True" in str(rep)
+
+
+def test_last_report_accumulates_across_graphs():
+    _report.reset_report()
+
+    def two_graphs(q, k, v):
+        a = naive(q, k, v)
+        torch._dynamo.graph_break()
+        return naive(a, k, v)
+
+    torch.compile(two_graphs, backend="flashfuse", options={"inductor": False})(*qkv(S=8))
+    rep = flashfuse.last_report()
+    assert len(rep.graphs) == 2 and rep.total == 2 and rep.rewritten == 2
+
+
+def test_training_backward_through_the_op():
+    q, k, v = (t.requires_grad_(True) for t in qkv(S=14))
+    out, rep = compile_and_report(naive, q, k, v, inductor=True)
+    assert rep.rewritten == 1
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    naive(q, k, v).sum().backward()
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-4)
