@@ -103,13 +103,15 @@ def _attention(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: Optional[torch.Tensor],
-    scale: float,
+    scale: Optional[float],
     window_left: Optional[int],
     window_right: Optional[int],
     mask_fill: float,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     validate_attention_args(q, k, v, mask, window_left, window_right)
+    if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
+        scale = 1.0 / math.sqrt(q.shape[-1])
     if _use_kernel(q):
         from flashfuse.kernels.flash_fwd import flash_attention_forward
 
@@ -143,13 +145,15 @@ def _attention_backward(
     mask: Optional[torch.Tensor],
     out: torch.Tensor,
     lse: torch.Tensor,
-    scale: float,
+    scale: Optional[float],
     window_left: Optional[int],
     window_right: Optional[int],
     mask_fill: float,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
     dq, dk, dv = testing.attention_backward_ref(
         grad_out, q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
         mask_fill=mask_fill, softcap=softcap, upcast=False,

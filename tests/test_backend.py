@@ -172,3 +172,41 @@ def test_training_backward_through_the_op():
     naive(q, k, v).sum().backward()
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_shapes_stay_rewritten_and_compile_at_most_twice():
+    import math as _math
+
+    def fn(q, k, v, pad):
+        T = q.shape[-2]
+        keep = torch.arange(T)[:, None] >= torch.arange(T)[None, :]
+        s = (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) / _math.sqrt(q.shape[-1])
+        s = s.masked_fill(~keep, float("-inf")) + pad
+        return s.softmax(-1) @ v.repeat_interleave(2, dim=1)
+
+    _report.reset_report()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="flashfuse", options={"inductor": False})
+    for S in (9, 17, 24, 33, 40):
+        q, k, v = torch.randn(1, 4, S, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+        pad = torch.zeros(1, 1, 1, S)
+        pad[..., : S // 4] = torch.finfo(torch.float32).min
+        assert_matches_eager(fn, (q, k, v, pad), compiled(q, k, v, pad))
+    rep = flashfuse.last_report()
+    assert len(rep.graphs) <= 2, str(rep)
+    assert rep.total == rep.rewritten == len(rep.graphs)
+    assert rep.sites[-1].flags["causal"] is True and rep.sites[-1].flags["gqa_groups"] == 2
+
+
+def test_symbolic_head_dim_scale_is_proven():
+    torch._dynamo.reset()
+    mark = _report.collect()
+
+    def fn(q, k, v):
+        return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+    args = qkv(S=12, D=32)
+    out = torch.compile(fn, backend="flashfuse", dynamic=True, options={"inductor": False})(*args)
+    rep = _report.last_report(since=mark)
+    assert rep.rewritten == 1 and rep.sites[0].flags["scale"] == "1/sqrt(head_dim)", str(rep)
+    assert_matches_eager(fn, args, out)

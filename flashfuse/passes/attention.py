@@ -58,7 +58,7 @@ class AttentionSite:
     v: fx.Node
     k_transposed: bool  # False: `k` is the [.., D, Sk] operand and needs a transpose
     gqa_groups: int
-    scale: float
+    scale: float | None  # None: 1/sqrt(head_dim), for a symbolic head dim
     softcap: float
     band: Band
     mask_fill: float
@@ -161,6 +161,7 @@ class _SiteFinder:
 
         # up: scores chain to matmul(q, kᵀ)
         scale, softcap = 1.0, 0.0
+        sym_factors: list = []  # symbolic scale factors (dynamic head dim): must multiply to 1/sqrt(D)
         band = Band(None, None)
         fills: list[float] = []
         masks: list[MaskTerm] = []
@@ -194,8 +195,13 @@ class _SiteFinder:
                 chain.append(cur)
                 cur = cur.args[0]
                 continue
-            if _is(cur, torch.mul) and isinstance(cur.args[1], fx.Node) and not isinstance(
-                    val(cur.args[1]), torch.Tensor):
+            if (_is(cur, torch.mul) or _is(cur, torch.div)) and _symbolic_number(cur.args[1]) is not None:
+                factor = _symbolic_number(cur.args[1])
+                sym_factors.append(factor if _is(cur, torch.mul) else 1 / factor)
+                chain.append(cur)
+                cur = cur.args[0]
+                continue
+            if (_is(cur, torch.mul) or _is(cur, torch.div)) and isinstance(cur.args[1], fx.Node):
                 raise _Refuse("the scale is not a constant (it is computed at run time)",
                               hint="compute the scale from static sizes, e.g. head_dim ** -0.5 with a Python int")
             if _is(cur, torch.masked_fill):
@@ -240,12 +246,12 @@ class _SiteFinder:
 
         # q kᵀ
         a_op, b_op = qk.args[0], qk.args[1]
-        q, q_scale, q_nodes = self._strip_scale(a_op)
-        kt, k_scale, k_nodes = self._strip_scale(b_op)
+        q, q_scale, q_nodes = self._strip_scale(a_op, sym_factors)
+        kt, k_scale, k_nodes = self._strip_scale(b_op, sym_factors)
         scale *= q_scale * k_scale
         if _is(kt, torch.transpose) and kt.args[1:] == (rank(kt) - 2, rank(kt) - 1):
             k_nodes.append(kt)
-            k, k_scale2, more = self._strip_scale(kt.args[0])
+            k, k_scale2, more = self._strip_scale(kt.args[0], sym_factors)
             scale *= k_scale2
             k_nodes.extend(more)
             k_transposed = True
@@ -279,7 +285,11 @@ class _SiteFinder:
         if qv.device.type not in ops.SUPPORTED_DEVICES:
             raise _Refuse(f"device {qv.device.type} unsupported (cuda, cpu)")
         head_dim = qv.shape[-1]
-        if not isinstance(head_dim, int) or not (ops.MIN_HEAD_DIM <= head_dim <= ops.MAX_HEAD_DIM):
+        if isinstance(head_dim, torch.SymInt):
+            hint = head_dim.node.hint
+            if hint is None or not (ops.MIN_HEAD_DIM <= hint <= ops.MAX_HEAD_DIM):
+                raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})")
+        elif not (ops.MIN_HEAD_DIM <= head_dim <= ops.MAX_HEAD_DIM):
             raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})")
         if vv.shape[-1] != head_dim:
             raise _Refuse(f"the value head dim {vv.shape[-1]} differs from the query/key head dim {head_dim}")
@@ -293,6 +303,8 @@ class _SiteFinder:
             raise _Refuse("the key and value lengths differ from the scores' key dim")
         if not math.isfinite(scale):
             raise _Refuse(f"the scale {scale} is not finite")
+        if sym_factors:
+            scale = _default_scale_or_refuse(sym_factors, scale, head_dim)
         for m in masks:
             mv = tensor_val(m.node)
             if mv is not None and mv.requires_grad:
@@ -317,7 +329,7 @@ class _SiteFinder:
             "gqa_groups": groups,
             "mask": "none" if not masks else masks[0].kind if len(masks) == 1 else f"{len(masks)}x{masks[0].kind}",
             "mask_fill": mask_fill,
-            "scale": scale,
+            "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
             "dropout": dropout_p,
             "dtype": str(qv.dtype).replace("torch.", ""),
@@ -395,7 +407,8 @@ class _SiteFinder:
                 return False
             if _is(node, torch.matmul):
                 return True
-            if _is(node, to_dtype) or _is(node, torch.mul) or _is(node, torch.tanh) or _is(node, torch.masked_fill):
+            if (_is(node, to_dtype) or _is(node, torch.mul) or _is(node, torch.div) or _is(node, torch.tanh)
+                    or _is(node, torch.masked_fill)):
                 node = node.args[0]
                 continue
             if _is(node, torch.add):
@@ -405,12 +418,18 @@ class _SiteFinder:
             return False
         return False
 
-    def _strip_scale(self, node):
-        """Peel ``x * c`` (Python numbers) and ``.contiguous()`` off an operand."""
+    def _strip_scale(self, node, sym_factors: list):
+        """Peel ``x * c`` (numbers, or symbolic numbers into ``sym_factors``) and ``.contiguous()`` off an operand."""
         scale, nodes = 1.0, []
         while True:
             if _is(node, torch.mul) and is_scalar(node.args[1]) and len(node.users) == 1:
                 scale *= float(node.args[1])
+                nodes.append(node)
+                node = node.args[0]
+            elif ((_is(node, torch.mul) or _is(node, torch.div)) and len(node.users) == 1
+                  and _symbolic_number(node.args[1]) is not None):
+                factor = _symbolic_number(node.args[1])
+                sym_factors.append(factor if _is(node, torch.mul) else 1 / factor)
                 nodes.append(node)
                 node = node.args[0]
             elif _is_method(node, "contiguous") and len(node.users) == 1:
@@ -457,6 +476,38 @@ class _SiteFinder:
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _symbolic_number(node):
+    """The sympy expression of a SymInt/SymFloat node (torch's float wrappers unwrapped), else None."""
+    import sympy
+
+    v = val(node) if isinstance(node, fx.Node) else None
+    if not isinstance(v, (torch.SymInt, torch.SymFloat)):
+        return None
+    expr = v.node.expr
+    unwrap = {
+        "ToFloat": lambda e: e.args[0],
+        "OpaqueUnaryFn_sqrt": lambda e: sympy.sqrt(e.args[0]),
+        "FloatPow": lambda e: e.args[0] ** e.args[1],
+        "FloatTrueDiv": lambda e: e.args[0] / e.args[1],
+        "IntTrueDiv": lambda e: e.args[0] / e.args[1],
+    }
+    for name, fn in unwrap.items():
+        expr = expr.replace(lambda e, name=name: type(e).__name__ == name, fn)
+    return expr
+
+
+def _default_scale_or_refuse(factors: list, scale: float, head_dim) -> float | None:
+    """Symbolic factors are accepted only when they multiply to ``1/sqrt(head_dim)``: the op's default scale."""
+    import sympy
+
+    product = sympy.Mul(*factors)
+    d = head_dim.node.expr if isinstance(head_dim, torch.SymInt) else sympy.Integer(head_dim)
+    if sympy.simplify(product * sympy.sqrt(d) - 1) == 0 and scale == 1.0:
+        return None
+    raise _Refuse("the scale is not a constant (it is computed at run time)",
+                  hint="compute the scale from static sizes, e.g. head_dim ** -0.5 with a Python int")
 
 
 def _is_unsqueeze_2(node) -> bool:

@@ -288,8 +288,8 @@ class _Canonicalizer:
             return
         if fn is torch.div and is_scalar(b) and b != 0:
             fn, b = torch.mul, 1.0 / b
-        if fn is torch.mul and is_scalar(a) and isinstance(b, fx.Node):
-            a, b = b, a
+        if fn is torch.mul and tensor_val(a) is None and tensor_val(b) is not None:
+            a, b = b, a  # the tensor first: `c * x` -> `mul(x, c)`
         new = self.call(fn, (a, b), like=node, value=val(node))
         self.replace(node, new, "inplace" if inplace else fn.__name__)
 

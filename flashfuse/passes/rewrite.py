@@ -79,7 +79,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
         call = insert_call(
             graph,
             torch.ops.flashfuse.attention.default,
-            (q, k, v, mask, float(site.scale), window_left, window_right, float(site.mask_fill), float(site.softcap)),
+            (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right, float(site.mask_fill), float(site.softcap)),
             like=pv,
         )
         out = insert_call(graph, operator.getitem, (call, 0), like=pv)
