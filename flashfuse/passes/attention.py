@@ -296,8 +296,20 @@ class _SiteFinder:
         sk = sv.shape[-1]
         if isinstance(sk, int) and sk < self.config.min_seq_len:
             raise _Refuse(f"key length {sk} is below min_seq_len={self.config.min_seq_len}")
+        if not _same_shape(tensor_val(x).shape, sv.shape):
+            raise _Refuse(f"a mask broadcasts the scores {tuple(sv.shape)} to a larger shape {tuple(tensor_val(x).shape)}")
         if not all(statically_known_true(a == b) for a, b in zip(sv.shape[:-2], ov.shape[:-2])):
             raise _Refuse("the scores and the output have different batch dims")
+        batch_dims = sv.shape[:-2]
+        for name, t in (("q", qv), ("k", kv_), ("v", vv)):
+            for i, (have, want) in enumerate(zip(t.shape[:-2], batch_dims)):
+                if statically_known_true(have == want) or have == 1:
+                    continue
+                if name != "q" and r == 4 and i == 1 and groups > 1 and statically_known_true(have * groups == want):
+                    continue  # GQA: k/v carry Hq / groups heads
+                raise _Refuse(f"{name} has size {have} in dim {i}, the scores {want}: not a broadcast flashfuse maps")
+        if r == 4 and qv.shape[1] == 1 and sv.shape[1] != 1:
+            raise _Refuse("q is broadcast over heads")
         k_last = kv_.shape[-2] if k_transposed else kv_.shape[-1]
         if not statically_known_true(k_last == sk) or not statically_known_true(vv.shape[-2] == sk):
             raise _Refuse("the key and value lengths differ from the scores' key dim")
@@ -476,6 +488,10 @@ class _SiteFinder:
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _symbolic_number(node):

@@ -45,17 +45,15 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
         lift = 4 - site.score_rank
         q, k, v = (_lift(graph, t, lift, pv) for t in (q, k, v))
 
-        # batch dims: k/v may broadcast over batch (and over heads: MQA); make batch explicit (a view)
-        qv = tensor_val(q)
-        for name in ("k", "v"):
-            t = k if name == "k" else v
-            tv = tensor_val(t)
-            if tv.shape[0] == 1 and qv.shape[0] != 1:
-                t = insert_call(graph, torch.Tensor.expand, (t, _size(graph, q, 0, pv), -1, -1, -1), like=pv)
-            if name == "k":
-                k = t
-            else:
-                v = t
+        # batch dims: q/k/v may broadcast over batch (k/v also over heads: MQA); make batch explicit (a view)
+        batch = tensor_val(site.softmax).shape[0] if site.score_rank == 4 else 1
+        lifted = []
+        for t in (q, k, v):
+            if tensor_val(t).shape[0] == 1 and batch != 1:
+                size = _size(graph, site.softmax, 0, pv) if site.score_rank == 4 else batch
+                t = insert_call(graph, torch.Tensor.expand, (t, size, -1, -1, -1), like=pv)
+            lifted.append(t)
+        q, k, v = lifted
 
         mask = None
         for term in site.masks:

@@ -379,3 +379,37 @@ def test_two_sites_in_one_graph():
         return (a @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
 
     check(fn, *qkv(S=12), rewritten=2, total=2)
+
+
+def test_softcap_gemma2_style():
+    cap = 5.0
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.5
+        s = s / cap
+        s = torch.tanh(s)
+        s = s * cap
+        T = q.shape[-2]
+        causal = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+        return (s + causal).softmax(-1) @ v
+
+    check(fn, *qkv(S=21), flags={"softcap": cap, "scale": 0.5, "causal": True})
+
+
+def test_kv_broadcast_over_batch_and_heads():
+    def fn(q, k, v):  # k, v: [1, 1, S, D] shared by every batch and head (MQA by broadcasting)
+        return ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+
+    q = torch.randn(3, 4, 15, 16)
+    k, v = torch.randn(1, 1, 15, 16), torch.randn(1, 1, 15, 16)
+    check(fn, q, k, v)
+
+
+def test_mask_that_broadcasts_scores_larger_is_left_alone():
+    def fn(q, k, v, m):  # q, k: batch 1, mask: batch 2 -> the where() output is larger than q kᵀ
+        return torch.where(m, (q @ k.transpose(-2, -1)) * 0.25, float("-inf")).softmax(-1) @ v
+
+    q, k, v = qkv(B=1, S=10)
+    m = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+    out, rep = compile_and_report(fn, q, k, v, m)
+    assert rep.rewritten == 0 and "broadcasts the scores" in rep.sites[0].reason
