@@ -86,7 +86,7 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     if new_gm is gm:
         return compile_fx(gm, example_inputs, config_patches=patches)
     try:
-        return compile_fx(new_gm, example_inputs, config_patches=patches)
+        compiled = compile_fx(new_gm, example_inputs, config_patches=patches)
     except Exception as exc:
         if isinstance(exc, (torch._dynamo.exc.Unsupported,)):
             raise
@@ -102,3 +102,27 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
                 site.rewritten = False
                 site.reason = "the rewritten graph failed to compile; the original was compiled instead"
         return compile_fx(gm, example_inputs, config_patches=patches)
+    if config.verify:
+        return _with_verify(compiled, gm, example_inputs, config, patches, graph_report)
+    return compiled
+
+
+def _with_verify(compiled, gm, example_inputs, config, patches, graph_report):
+    from torch._inductor.compile_fx import compile_fx
+
+    from flashfuse.verify import VerifyingFunction, build_side_by_side
+
+    try:
+        side_by_side, sources = build_side_by_side(gm, example_inputs, config)
+    except Exception as exc:  # verification is best effort; it never breaks the compile
+        warnings.warn(f"flashfuse: verify could not build its check ({type(exc).__name__}: {exc})", RuntimeWarning,
+                      stacklevel=3)
+        return compiled
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    n_outputs = len(output.args[0]) if isinstance(output.args[0], (tuple, list)) else 1
+    # the fallback is compiled from a fresh copy: Inductor may have consumed `gm` already
+    from flashfuse.passes import copy_graph_module
+
+    original, _ = copy_graph_module(gm)
+    return VerifyingFunction(compiled, side_by_side, n_outputs, sources,
+                             lambda: compile_fx(original, example_inputs, config_patches=patches), graph_report)

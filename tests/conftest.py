@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# On the GPU machine, FLASHFUSE_TEST_DEVICE=cuda reruns the pass tests with every tensor on the GPU
+if os.environ.get("FLASHFUSE_TEST_DEVICE"):
+    torch.set_default_device(os.environ["FLASHFUSE_TEST_DEVICE"])
+
 
 @pytest.fixture
 def device():

@@ -34,8 +34,11 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
     return size
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
-    """Rewrite one site; returns the node that now stands for the old ``p @ v``."""
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True) -> fx.Node:
+    """Rewrite one site; returns the node that now stands for the old ``p @ v``.
+
+    ``replace=False`` only adds the fused call beside the original subgraph (verify mode compares them).
+    """
     graph = gm.graph
     pv = site.pv
     with graph.inserting_before(pv):
@@ -86,6 +89,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
         if tensor_val(out).dtype != tensor_val(pv).dtype:
             out = insert_call(graph, to_dtype, (out, tensor_val(pv).dtype), like=pv)
     call.meta["flashfuse_site"] = site.flags
+    if not replace:
+        return out
     pv.replace_all_uses_with(out)
     _erase_dead(graph, site.chain)
     return out

@@ -1,0 +1,123 @@
+"""Verify mode (``options={"verify": True}`` or ``FLASHFUSE_VERIFY=1``): proof on the user's own model.
+
+On the first call of a compiled graph, a side-by-side graph runs once, eagerly: the original graph with,
+beside every rewritten site, the fused call on the same inputs; both results of each site come out as
+extra outputs and are compared with the dtype's tolerance. If any site differs, its report entry says so
+with the numbers, and the graph falls back to the unrewritten version for this and every later call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from flashfuse.config import Config
+from flashfuse.report import GraphReport
+
+log = logging.getLogger("flashfuse")
+
+__all__ = ["build_side_by_side", "VerifyingFunction", "TOLERANCE"]
+
+#: (atol, rtol) by dtype: a few times the error of eager attention in that dtype
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+    torch.float64: (1e-8, 1e-8),
+}
+
+
+def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.GraphModule, list[str]]:
+    """The original graph plus, per rewritten site, ``(original p @ v, fused call)`` as extra outputs."""
+    from flashfuse.passes import _trusted_constants, copy_graph_module
+    from flashfuse.passes.attention import AttentionSite, find_sites
+    from flashfuse.passes.canonicalize import canonicalize
+    from flashfuse.passes.rewrite import rewrite_site
+
+    work, val_map = copy_graph_module(gm)
+    constants = {val_map[n]: v for n, v in _trusted_constants(gm, example_inputs).items()}
+    canonicalize(work)
+    pairs, sources = [], []
+    for site in find_sites(work, config, constants):
+        if isinstance(site, AttentionSite):
+            pairs.extend([site.pv, rewrite_site(work, site, replace=False)])
+            sources.append(site.source)
+    output = next(n for n in work.graph.nodes if n.op == "output")
+    original = output.args[0]
+    if not isinstance(original, (tuple, list)):
+        original = (original,)
+    output.args = (tuple(original) + tuple(pairs),)
+    work.graph.lint()
+    work.recompile()
+    return work, sources
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    atol, rtol = TOLERANCE.get(a.dtype, (1e-4, 1e-4))
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+        return False, "NaN positions differ"
+    a64, b64 = a64.nan_to_num(), b64.nan_to_num()
+    diff = (a64 - b64).abs()
+    bound = atol + rtol * b64.abs()
+    worst = diff.max().item() if diff.numel() else 0.0
+    ok = bool((diff <= bound).all())
+    return ok, f"max abs diff {worst:.3g} (tolerance {atol:g} + {rtol:g}*|x|, {a.dtype})"
+
+
+class VerifyingFunction:
+    """Calls the compiled rewritten graph, after checking it once against the original on real inputs."""
+
+    def __init__(self, compiled: Callable, side_by_side: fx.GraphModule, n_outputs: int, sources: list[str],
+                 compile_original: Callable[[], Callable], report: GraphReport):
+        self.compiled = compiled
+        self.side_by_side = side_by_side
+        self.n_outputs = n_outputs
+        self.sources = sources
+        self.compile_original = compile_original
+        self.report = report
+        self.checked = False
+
+    def __call__(self, *args):
+        if not self.checked:
+            self.checked = True
+            self._check(list(args))
+        return self.compiled(*args)
+
+    def _check(self, args) -> None:
+        with torch.no_grad():
+            outs = self.side_by_side(*args)
+        extra = list(outs)[self.n_outputs:]
+        failed = []
+        rewritten = [s for s in self.report.sites if s.rewritten]
+        for i, source in enumerate(self.sources):
+            ok, detail = _compare(extra[2 * i + 1], extra[2 * i])
+            site = rewritten[i] if i < len(rewritten) else None
+            if site is not None:
+                site.flags["verified"] = ok
+            if not ok:
+                failed.append((source, detail, site))
+        if not failed:
+            log.info("flashfuse: graph %d: verify passed for %d site(s)", self.report.graph, len(self.sources))
+            return
+        for source, detail, site in failed:
+            log.warning("flashfuse: graph %d: verify failed at %s: %s", self.report.graph, source, detail)
+        for site in rewritten:
+            site.rewritten = False
+            bad = [d for s, d, st in failed if st is site]
+            site.reason = (f"verify failed: {bad[0]}" if bad else
+                           "verify failed at another site of this graph; the graph runs unrewritten")
+        self.report.fallback = "verify failed: " + "; ".join(f"{s}: {d}" for s, d, _ in failed)
+        warnings.warn(f"flashfuse: verify failed in graph {self.report.graph} ({failed[0][0]}: {failed[0][1]}); "
+                      "this graph now runs without the rewrite", RuntimeWarning, stacklevel=3)
+        self.compiled = self.compile_original()
+
+
+def tolerance_note(dtype: torch.dtype) -> str:
+    atol, rtol = TOLERANCE.get(dtype, (math.nan, math.nan))
+    return f"atol={atol:g}, rtol={rtol:g}"
