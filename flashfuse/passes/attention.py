@@ -123,7 +123,8 @@ class _SiteFinder:
         if r is None or r < 2:
             raise _Refuse("the softmax input is not a tensor of rank >= 2")
         if dim != r - 1:
-            raise _Refuse(f"the softmax is over dim {dim}, not the last (key) dim {r - 1}")
+            raise _Refuse(f"the softmax is over dim {dim}, not the last (key) dim {r - 1}",
+                          hint="flashfuse fuses attention whose softmax runs over the keys (dim=-1)")
         chain: list[fx.Node] = [sm]
 
         # down: softmax -> [cast] -> [dropout] -> [cast] -> matmul(p, v)
@@ -156,7 +157,8 @@ class _SiteFinder:
             if _is(u, torch.matmul) and u.args[0] is cur:
                 pv = u
                 break
-            raise _Refuse(f"the softmax output feeds {_describe(u)}, not a matmul with V")
+            raise _Refuse(f"the softmax output feeds {_describe(u)}, not a matmul with V",
+                         hint="the probabilities must go straight (casts and eval dropout aside) into p @ v")
         chain.append(pv)
 
         # up: scores chain to matmul(q, kᵀ)
@@ -170,7 +172,8 @@ class _SiteFinder:
         cur = x
         while True:
             if len(cur.users) != 1:
-                raise _Refuse(f"the attention scores ({cur.name}) have another user besides the softmax")
+                raise _Refuse(f"the attention scores ({cur.name}) have another user besides the softmax",
+                              hint="the raw scores are also used elsewhere (logged, returned, reused); drop that use")
             if _is(cur, to_dtype):
                 chain.append(cur)
                 cur = cur.args[0]
@@ -242,7 +245,8 @@ class _SiteFinder:
                 chain.append(cur)
                 cur = scores
                 continue
-            raise _Refuse(f"the scores pass through {_describe(cur)} before the softmax, which flashfuse cannot fuse")
+            raise _Refuse(f"the scores pass through {_describe(cur)} before the softmax, which flashfuse cannot fuse",
+                          hint="between q kᵀ and softmax flashfuse fuses scaling, soft-capping, masks and biases")
 
         # q kᵀ
         a_op, b_op = qk.args[0], qk.args[1]
@@ -278,19 +282,21 @@ class _SiteFinder:
         if r > 4:
             raise _Refuse(f"attention over rank-{r} tensors (flashfuse handles [B, H, S, D], [B*H, S, D], [S, D])")
         if qv.dtype not in ops.SUPPORTED_DTYPES:
-            raise _Refuse(f"dtype {qv.dtype} unsupported (float16, bfloat16, float32)")
+            raise _Refuse(f"dtype {qv.dtype} unsupported (float16, bfloat16, float32)",
+                          hint="run attention in float16, bfloat16 or float32")
         if not (qv.dtype == kv_.dtype == vv.dtype == ov.dtype):
             raise _Refuse(f"q, k, v and the output have different dtypes ({qv.dtype}, {kv_.dtype}, {vv.dtype}, "
                           f"{ov.dtype})")
         if qv.device.type not in ops.SUPPORTED_DEVICES:
-            raise _Refuse(f"device {qv.device.type} unsupported (cuda, cpu)")
+            raise _Refuse(f"device {qv.device.type} unsupported (cuda, cpu)", hint="flashfuse runs on CUDA GPUs (and the CPU)")
         head_dim = qv.shape[-1]
         if isinstance(head_dim, torch.SymInt):
             hint = head_dim.node.hint
             if hint is None or not (ops.MIN_HEAD_DIM <= hint <= ops.MAX_HEAD_DIM):
                 raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})")
         elif not (ops.MIN_HEAD_DIM <= head_dim <= ops.MAX_HEAD_DIM):
-            raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})")
+            raise _Refuse(f"head dim {head_dim} unsupported ({ops.MIN_HEAD_DIM}..{ops.MAX_HEAD_DIM})",
+                          hint="the kernel supports head dims 16 to 256")
         if vv.shape[-1] != head_dim:
             raise _Refuse(f"the value head dim {vv.shape[-1]} differs from the query/key head dim {head_dim}")
         sk = sv.shape[-1]
@@ -320,19 +326,22 @@ class _SiteFinder:
         for m in masks:
             mv = tensor_val(m.node)
             if mv is not None and mv.requires_grad:
-                raise _Refuse("a mask or bias that requires grad (trainable bias) is not supported yet")
+                raise _Refuse("a mask or bias that requires grad (trainable bias) is not supported yet",
+                              hint="the bias gradient comes with training support; detach the bias if it is fixed")
         n_bool = sum(m.kind == "bool" for m in masks)
         n_add = sum(m.kind == "additive" for m in masks)
         if n_bool and n_add:
-            raise _Refuse("both a boolean mask tensor and an additive mask tensor on the same scores")
+            raise _Refuse("both a boolean mask tensor and an additive mask tensor on the same scores",
+                          hint="fold the boolean mask into the additive one (where(m, bias, finfo.min))")
         mask_fill = -math.inf
         if fills:
             if any(f != fills[0] for f in fills):
-                raise _Refuse(f"masks with different fill values {sorted(set(fills))}")
+                raise _Refuse(f"masks with different fill values {sorted(set(fills))}",
+                              hint="use one fill value (-inf or finfo.min) for every mask")
             mask_fill = fills[0]
         if mask_fill > FILL_THRESHOLD:
             raise _Refuse(f"mask fill value {mask_fill} is not large and negative: masked positions would still "
-                          "contribute to the softmax")
+                          "contribute to the softmax", hint="fill with float('-inf') or torch.finfo(dtype).min")
 
         flags = {
             "causal": band.hi == 0 and band.lo is None,
