@@ -32,18 +32,20 @@ Credits: Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism an
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["flash_attention_forward"]
 
+log = logging.getLogger(__name__)
+
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
-_LN2 = 0.6931471805599453
 
 # Head dims below 16 cannot feed tl.dot (its K dimension must be >= 16); above 256 the Q tile and
 # one K/V stage no longer fit in shared memory at any useful BLOCK_M.
@@ -119,7 +121,7 @@ def _attn_fwd_inner(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-):
+):  # fmt: skip
     """Visit key blocks ``[start, end)`` and update the online-softmax state ``(acc, l_i, m_i)``.
 
     ``EDGE`` blocks straddle a window edge or the end of the keys: they get the elementwise structure
@@ -130,15 +132,16 @@ def _attn_fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         # 64-bit block offset: Sk * stride_kn passes 2^31 for long BSHD-strided keys
-        k_ptrs = K_head + tl.cast(start_n, tl.int64) * stride_kn + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-        v_ptrs = V_head + tl.cast(start_n, tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        n64 = tl.cast(start_n, tl.int64)
+        k_ptrs = K_head + n64 * stride_kn + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
+        v_ptrs = V_head + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
         if EDGE:
             col_ok = cols < Sk
             k = tl.load(k_ptrs, mask=k_mask & col_ok[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
 
-        # -- scores, in base 2 --
+        # -- scores: base 2 (log2(e) folded into qk_scale / softcap_out), natural with an additive mask --
         qk = _mma(q, k, DOT_PRECISION, INTERPRET_BF16)
         if HAS_SOFTCAP:
             s = _tanh(qk * softcap_in) * softcap_out
@@ -148,11 +151,8 @@ def _attn_fwd_inner(
         # -- data mask --
         if MASK_KIND != 0:
             local_m = tl.arange(0, BLOCK_M)
-            m_ptrs = (
-                Mask_rows
-                + tl.cast(start_n, tl.int64) * stride_mask_n
-                + (local_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n)
-            )
+            m_offs = local_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n
+            m_ptrs = Mask_rows + n64 * stride_mask_n + m_offs
             if EDGE:
                 mvals = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
             else:
@@ -204,33 +204,62 @@ class FwdConfig:
 def _interpreting() -> bool:
     # triton.jit picks InterpretedFunction when TRITON_INTERPRET=1 at decoration time; asking the kernel
     # itself is right even if the variable changed after import.
-    return type(_attn_fwd).__name__ == "InterpretedFunction" or os.environ.get("TRITON_INTERPRET") == "1"
+    return type(_attn_fwd).__name__ == "InterpretedFunction"
 
 
-def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> FwdConfig:
-    """One config per (padded head dim, dtype); speed tuning comes later (a short autotune list)."""
+def _pick_config(D: int, dtype: torch.dtype, device: torch.device, mask_itemsize: int = 0) -> FwdConfig:
+    """One config per (padded head dim, dtype); speed tuning comes later (a short autotune list).
+
+    ``mask_itemsize`` (0: no mask) only lowers the pipelining depth: Triton multi-buffers the mask tile
+    like K and V, and at D=128 a 128x128 uint8 mask tile x 3 stages asked for 256 KB of shared memory
+    (H100: 227 KB). Whatever still does not fit is shrunk at launch (``_smaller``).
+    """
     if _interpreting() or device.type != "cuda":
         # Interpreter: every tl op is a numpy call, so cost ~ number of ops; 32x16 tiles keep the CPU
         # tests fast and still give several key blocks (and BLOCK_M != BLOCK_N) at S = 97.
         return FwdConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
     block_d = max(16, triton.next_power_of_2(D))
     if dtype == torch.float32:
-        # no tensor cores for exact fp32 (input_precision="ieee"): small tiles, correctness first
-        if block_d <= 64:
-            return FwdConfig(64, 64, 4, 2)
+        # No tensor cores for exact fp32 (input_precision="ieee"): tl.dot unrolls into FMAs, so compile
+        # time grows with BLOCK_M * BLOCK_N * D. H100, B=2, H=8, S=4096 (TFLOP/s, compile + first call):
+        # D=64 32x32 11.5 (3.8 s), 64x64 12.7 (7.9 s); D=128 32x32 9.3 (4.3 s), 64x32 6.5 (12.2 s);
+        # D=256 32x16 6.2 (5.1 s), 32x32 3.6 (11.9 s).
         if block_d <= 128:
-            return FwdConfig(64, 32, 4, 2)
-        return FwdConfig(32, 32, 4, 1)
+            return FwdConfig(32, 32, 4, 2)
+        return FwdConfig(32, 16, 4, 1)
     # Measured on an H100 (bf16, B=4, H=16, S=8192, TFLOP/s non-causal/causal; SDPA/cuDNN 471/448 at
     # D=64, 606/586 at D=128, 679/623 at D=256):
     #   D=64:  128x64 w8 s3 408/370;  64x64 w4 s3 405/371;  128x64 w4 s3 345/307;  128x128 w8 s3 351/316
     #   D=128: 128x128 w8 s3 464/436; 128x128 w8 s2 430/406; 128x64 w8 s3 394/374; 128x64 w4 s3 255/245
     #   D=256: 128x64 w8 s2 394/426;  64x32 w4 s2 290/313;   128x32 w8 s2 283/323
+    # With a [B, 1, 1, S] mask tensor at D=128 (128x128 w8 s2): bool 291/266, additive fp32 193/160; the
+    # per-element mask load is the cost, which the tile classification pre-pass of DESIGN.md should remove.
     if block_d <= 64:
-        return FwdConfig(128, 64, 8, 3)
-    if block_d <= 128:
-        return FwdConfig(128, 128, 8, 3)
-    return FwdConfig(128, 64, 8, 2)
+        cfg = FwdConfig(128, 64, 8, 3)
+    elif block_d <= 128:
+        cfg = FwdConfig(128, 128, 8, 3)
+    else:
+        cfg = FwdConfig(128, 64, 8, 2)
+    if mask_itemsize:
+        cfg = replace(cfg, num_stages=min(cfg.num_stages, 2))
+    return cfg
+
+
+def _smaller(cfg: FwdConfig) -> FwdConfig | None:
+    """The next config to try after a shared-memory overflow: fewer stages, then smaller tiles."""
+    if cfg.num_stages > 2:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 32:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > 32:
+        return replace(cfg, block_m=cfg.block_m // 2)
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=1)
+    return None
+
+
+# (D, Dv, dtype, mask dtype, device) -> the config that compiled; filled on first launch
+_FITTED: dict[tuple, FwdConfig] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +283,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-):
+):  # fmt: skip
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
@@ -264,6 +293,8 @@ def _attn_fwd(
     qk_scale = tl.cast(qk_scale, tl.float32)
     softcap_in = tl.cast(softcap_in, tl.float32)
     softcap_out = tl.cast(softcap_out, tl.float32)
+    fill_thr = tl.cast(fill_thr, tl.float32)
+    fill_lse = tl.cast(fill_lse, tl.float32)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -274,10 +305,13 @@ def _attn_fwd(
 
     # Per-(batch, head) base pointers in 64-bit: B * H * S * D passes 2^31 elements at long contexts.
     b64 = tl.cast(off_b, tl.int64)
-    Q_rows = Q + b64 * stride_qb + tl.cast(off_h, tl.int64) * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
-    K_head = K + b64 * stride_kb + tl.cast(off_hkv, tl.int64) * stride_kh
-    V_head = V + b64 * stride_vb + tl.cast(off_hkv, tl.int64) * stride_vh
-    Mask_rows = Mask + b64 * stride_mask_b + tl.cast(off_h, tl.int64) * stride_mask_h + tl.cast(start_m, tl.int64) * stride_mask_m
+    h64 = tl.cast(off_h, tl.int64)
+    hkv64 = tl.cast(off_hkv, tl.int64)
+    m64 = tl.cast(start_m, tl.int64)
+    Q_rows = Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
+    K_head = K + b64 * stride_kb + hkv64 * stride_kh
+    V_head = V + b64 * stride_vb + hkv64 * stride_vh
+    Mask_rows = Mask + b64 * stride_mask_b + h64 * stride_mask_h + m64 * stride_mask_m
 
     local_m = tl.arange(0, BLOCK_M)
     q = tl.load(
@@ -306,6 +340,7 @@ def _attn_fwd(
     full_lo = tl.where(has_full, full_lo, lo)
     full_hi = tl.where(has_full, full_hi, lo)
 
+    # fmt: off
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_head, V_head, Mask_rows, lo, full_lo,
         offs_m, offs_n, offs_d, offs_dv, row_ok,
@@ -330,6 +365,7 @@ def _attn_fwd(
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
         MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
     )
+    # fmt: on
 
     # -- epilogue --
     # Rows with nothing kept have l_i = 0 and acc = 0: 0 / 0 = NaN and lse = -inf + log2(0) = -inf,
@@ -344,20 +380,20 @@ def _attn_fwd(
         # all keys. Same when the best kept score is itself at or below fill / 2 (fill_thr, in m_i's units).
         empty = (l_i == 0.0) | (m_i <= fill_thr)
         vmean = tl.load(
-            VMean + b64 * stride_vmb + tl.cast(off_hkv, tl.int64) * stride_vmh + offs_dv * stride_vmd,
+            VMean + b64 * stride_vmb + hkv64 * stride_vmh + offs_dv * stride_vmd,
             mask=offs_dv < HEAD_DIM_V,
             other=0.0,
         )
         out = tl.where(empty[:, None], vmean[None, :], out)
         lse = tl.where(empty, fill_lse, lse)
 
-    O_rows = Out + b64 * stride_ob + tl.cast(off_h, tl.int64) * stride_oh + tl.cast(start_m, tl.int64) * stride_om
+    O_rows = Out + b64 * stride_ob + h64 * stride_oh + m64 * stride_om
     tl.store(
         O_rows + local_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
         _downcast(out, Out.dtype.element_ty, INTERPRET_BF16),
         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
     )
-    L_rows = LSE + b64 * stride_lb + tl.cast(off_h, tl.int64) * stride_lh
+    L_rows = LSE + b64 * stride_lb + h64 * stride_lh
     tl.store(L_rows + offs_m * stride_lm, lse, mask=row_ok)
 
 
@@ -373,14 +409,15 @@ def _check_int_or_none(name: str, value) -> None:
 
 def _check_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a float, got {value!r}")
+        raise ValueError(f"{name}: expected a float, got {value!r}")  # noqa: TRY004 (the op's contract: ValueError)
     return float(value)
 
 
 def _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap) -> None:
-    for name, t, dims in (("q", q, "[B, Hq, Sq, D]"), ("k", k, "[B, Hkv, Sk, D]"), ("v", v, "[B, Hkv, Sk, Dv]")):
+    layouts = (("q", q, "[B, Hq, Sq, D]"), ("k", k, "[B, Hkv, Sk, D]"), ("v", v, "[B, Hkv, Sk, Dv]"))
+    for name, t, dims in layouts:
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
         if t.dim() != 4:
             raise ValueError(f"{name}: expected 4-D {dims}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
@@ -399,7 +436,9 @@ def _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softca
     if k.shape[3] != D:
         raise ValueError(f"k: head dim {k.shape[3]} differs from q's head dim {D}")
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"v: expected [B, Hkv, Sk, Dv] with B, Hkv, Sk of k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+        raise ValueError(
+            f"v: expected [B, Hkv, Sk, Dv] with B, Hkv, Sk of k {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+        )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     for name, d in (("head dim", D), ("v head dim", Dv)):
@@ -490,9 +529,8 @@ def flash_attention_forward(
 
     softcap = float(softcap)
     has_softcap = softcap > 0
-    cfg = _pick_config(max(D, Dv), q.dtype, q.device)
-    grid = (triton.cdiv(Sq, cfg.block_m), Hq, B)
     interpreted = _interpreting()
+    # fmt: off
     args = (
         q, k, v, mask_arg, vmean, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *vmean_strides, *out.stride(), *lse.stride(),
@@ -502,25 +540,43 @@ def flash_attention_forward(
         softcap * score_unit,
         wl, wr, fill_thr, fill_lse,
     )
-    meta = dict(
-        HEAD_DIM=D,
-        HEAD_DIM_V=Dv,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        MASK_KIND=mask_kind,
-        HAS_SOFTCAP=has_softcap,
-        FINITE_FILL=finite_fill,
+    # fmt: on
+    meta = {
+        "HEAD_DIM": D,
+        "HEAD_DIM_V": Dv,
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+        "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
+        "MASK_KIND": mask_kind,
+        "HAS_SOFTCAP": has_softcap,
+        "FINITE_FILL": finite_fill,
         # fp32 inputs: "ieee" keeps tl.dot from rounding operands to tf32 (10-bit mantissa)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRET_BF16=interpreted and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):
-            _attn_fwd[grid](*args, **meta)
-    else:
-        _attn_fwd[grid](*args, **meta)
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "INTERPRET_BF16": interpreted and q.dtype == torch.bfloat16,
+    }
+
+    mask_dtype = None if mask is None else mask_arg.dtype
+    key = (D, Dv, q.dtype, mask_dtype, q.device)
+    cfg = _FITTED.get(key)
+    if cfg is None:
+        cfg = _pick_config(max(D, Dv), q.dtype, q.device, 0 if mask is None else mask_arg.element_size())
+    while True:
+        grid = (triton.cdiv(Sq, cfg.block_m), Hq, B)
+        launch = dict(
+            meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
+        try:
+            if q.device.type == "cuda":
+                with torch.cuda.device(q.device):
+                    _attn_fwd[grid](*args, **launch)
+            else:
+                _attn_fwd[grid](*args, **launch)
+            break
+        except OutOfResources as e:
+            # raised while compiling, before anything runs: retry smaller (the autotuner's pruning, by hand)
+            smaller = _smaller(cfg)
+            if smaller is None:
+                raise
+            log.info("flash_fwd: %s does not fit (%s); trying %s", cfg, e, smaller)
+            cfg = smaller
+    _FITTED[key] = cfg
     return out, lse

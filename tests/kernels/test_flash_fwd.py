@@ -30,6 +30,15 @@ FP32_MIN = torch.finfo(torch.float32).min
 EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}
 LSE_EPS = 1e-5
 
+# The interpreter runs the kernel in numpy, which warns where the GPU is silent: 0 / 0 and log2(0) on rows
+# with nothing kept (NaN / -inf on purpose, checked below), exp2 overflow inside tanh (saturates on purpose).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
@@ -104,6 +113,7 @@ SHAPES = [
     (1, 8, 2, 61, 97, 256, BF16, "bhsd"),  # largest head dim; GQA 4
     (2, 2, 1, 33, 1, 96, FP32, "bhsd"),  # one key
     (1, 2, 1, 17, 97, 32, FP16, "bshd"),
+    (1, 1, 1, 1025, 1025, 16, BF16, "bhsd"),  # one past a power of two: many blocks, ragged last one
 ]
 WINDOWS = {"full": (None, None), "causal": (None, 0), "window7": (7, 0)}
 
@@ -133,9 +143,7 @@ def test_window_variants(window, sq, sk, device):
     _check(q, k, v, window_left=window[0], window_right=window[1])
 
 
-@pytest.mark.parametrize(
-    "block_m,block_n", [(16, 16), (16, 32), (64, 16)], ids=["16x16", "16x32", "64x16"]
-)
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 32), (64, 16)], ids=["16x16", "16x32", "64x16"])
 @pytest.mark.parametrize("window", [(None, 0), (7, 0), (3, 5)], ids=["causal", "window7", "band3-5"])
 def test_block_shapes(block_m, block_n, window, device, monkeypatch):
     # The three loop phases (left edge, inside, right edge) depend on how blocks fall against the window;
@@ -145,6 +153,28 @@ def test_block_shapes(block_m, block_n, window, device, monkeypatch):
     q, k, v = _qkv(1, 2, 1, 97, 61, 32, FP32, device)
     mask = torch.rand(97, 61, device=device) > 0.2
     _check(q, k, v, mask, window_left=window[0], window_right=window[1])
+
+
+def test_blocks_outside_the_window_are_never_read(device, monkeypatch):
+    # NaN keys/values in blocks a row block should skip: any read would reach the output (0 * NaN = NaN).
+    cfg = flash_fwd.FwdConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(flash_fwd, "_pick_config", lambda *args: cfg)
+    q, k, v = _qkv(1, 2, 1, 97, 97, 32, FP32, device)
+
+    def poisoned(keys):
+        kp, vp = k.clone(), v.clone()
+        kp[:, :, keys] = float("nan")
+        vp[:, :, keys] = float("nan")
+        return kp, vp
+
+    # causal: rows 0..31 (the first row block) end at key 31, so keys 32.. are skipped (loop end)
+    ref, _ = flash_attention_forward(q, k, v, scale=0.2, window_right=0)
+    out, _ = flash_attention_forward(q, *poisoned(slice(32, None)), scale=0.2, window_right=0)
+    assert torch.equal(out[:, :, :32], ref[:, :, :32])
+    # window (7, 0): rows 64.. start at key block (64 - 7) // 16 * 16 = 48, so keys 0..47 are skipped
+    ref, _ = flash_attention_forward(q, k, v, scale=0.2, window_left=7, window_right=0)
+    out, _ = flash_attention_forward(q, *poisoned(slice(0, 48)), scale=0.2, window_left=7, window_right=0)
+    assert torch.equal(out[:, :, 64:], ref[:, :, 64:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +249,7 @@ def test_empty_rows_neg_inf_fill_give_nan(kind, dtype, device):
     q, k, v = _qkv(B, 4, 2, Sq, Sk, 32, dtype, device)
     keep = _mask_with_empty_rows(B, Sq, Sk, device)
     mask = keep if kind == "bool" else torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
-    out, lse, ref, _ = _check(q, k, v, mask)
+    out, lse, _ref, _ = _check(q, k, v, mask)
     for b, i in [(0, 0), (0, 5), (1, Sq - 1)]:
         assert out[b, :, i].isnan().all() and lse[b, :, i].isneginf().all()
     assert out[0, :, 1].isfinite().all()
@@ -340,46 +370,65 @@ def _t(*shape, dtype=FP16):
 
 
 BAD_ARGS = {
-    "q-3d": (dict(q=_t(2, 3, 16)), r"q: expected 4-D \[B, Hq, Sq, D\], got shape \(2, 3, 16\)"),
-    "k-3d": (dict(k=_t(2, 3, 16)), r"k: expected 4-D \[B, Hkv, Sk, D\]"),
-    "v-5d": (dict(v=_t(1, 1, 2, 3, 16)), r"v: expected 4-D"),
-    "dtype-mix": (dict(k=_t(1, 2, 3, 16, dtype=FP32)), r"q/k/v dtype"),
+    "q-3d": ({"q": _t(2, 3, 16)}, r"q: expected 4-D \[B, Hq, Sq, D\], got shape \(2, 3, 16\)"),
+    "k-3d": ({"k": _t(2, 3, 16)}, r"k: expected 4-D \[B, Hkv, Sk, D\]"),
+    "v-5d": ({"v": _t(1, 1, 2, 3, 16)}, r"v: expected 4-D"),
+    "dtype-mix": ({"k": _t(1, 2, 3, 16, dtype=FP32)}, r"q/k/v dtype"),
     "dtype-fp64": (
-        dict(q=_t(1, 2, 3, 16, dtype=torch.float64), k=_t(1, 2, 3, 16, dtype=torch.float64),
-             v=_t(1, 2, 3, 16, dtype=torch.float64)),
+        {
+            "q": _t(1, 2, 3, 16, dtype=torch.float64),
+            "k": _t(1, 2, 3, 16, dtype=torch.float64),
+            "v": _t(1, 2, 3, 16, dtype=torch.float64),
+        },
         r"q/k/v dtype",
     ),
-    "gqa": (dict(q=_t(1, 32, 3, 16), k=_t(1, 5, 3, 16), v=_t(1, 5, 3, 16)), r"Hq \(32\) must be a multiple of Hkv \(5\)"),
-    "head-dim-300": (
-        dict(q=_t(1, 2, 3, 300), k=_t(1, 2, 3, 300), v=_t(1, 2, 3, 300)), r"head dim 300 unsupported: 16\.\.256"
+    "gqa": (
+        {"q": _t(1, 32, 3, 16), "k": _t(1, 5, 3, 16), "v": _t(1, 5, 3, 16)},
+        r"Hq \(32\) must be a multiple of Hkv \(5\)",
     ),
-    "head-dim-8": (dict(q=_t(1, 2, 3, 8), k=_t(1, 2, 3, 8), v=_t(1, 2, 3, 8)), r"head dim 8 unsupported"),
-    "v-head-dim-512": (dict(v=_t(1, 2, 3, 512)), r"v head dim 512 unsupported"),
-    "k-head-dim": (dict(k=_t(1, 2, 3, 32)), r"k: head dim 32"),
-    "k-batch": (dict(k=_t(2, 2, 3, 16), v=_t(2, 2, 3, 16)), r"k: batch 2"),
-    "v-seq": (dict(v=_t(1, 2, 4, 16)), r"v: expected \[B, Hkv, Sk, Dv\]"),
-    "mask-shape": (dict(mask=torch.ones(4, 3, dtype=torch.bool)), r"mask: shape \(4, 3\) not broadcastable to \[B,Hq,Sq,Sk\]"),
-    "mask-5d": (dict(mask=torch.ones(1, 1, 2, 3, 3, dtype=torch.bool)), r"mask: shape .* not broadcastable"),
-    "mask-dtype": (dict(mask=torch.ones(3, 3, dtype=torch.int32)), r"mask dtype"),
-    "mask-type": (dict(mask=[[True]]), r"mask: expected a torch.Tensor"),
-    "scale-inf": (dict(scale=math.inf), r"scale: expected a finite float"),
-    "scale-str": (dict(scale="0.1"), r"scale: expected a float"),
-    "window-float": (dict(window_left=1.5), r"window_left: expected an int or None"),
-    "window-bool": (dict(window_right=True), r"window_right: expected an int or None"),
-    "mask-fill-nan": (dict(mask_fill=math.nan), r"mask_fill"),
-    "mask-fill-pos-inf": (dict(mask_fill=math.inf), r"mask_fill"),
-    "softcap-negative": (dict(softcap=-1.0), r"softcap: expected a finite float >= 0"),
-    "q-not-tensor": (dict(q=None), r"q: expected a torch.Tensor"),
+    "head-dim-300": (
+        {"q": _t(1, 2, 3, 300), "k": _t(1, 2, 3, 300), "v": _t(1, 2, 3, 300)},
+        r"head dim 300 unsupported: 16\.\.256",
+    ),
+    "head-dim-8": ({"q": _t(1, 2, 3, 8), "k": _t(1, 2, 3, 8), "v": _t(1, 2, 3, 8)}, r"head dim 8 unsupported"),
+    "v-head-dim-512": ({"v": _t(1, 2, 3, 512)}, r"v head dim 512 unsupported"),
+    "k-head-dim": ({"k": _t(1, 2, 3, 32)}, r"k: head dim 32"),
+    "k-batch": ({"k": _t(2, 2, 3, 16), "v": _t(2, 2, 3, 16)}, r"k: batch 2"),
+    "v-seq": ({"v": _t(1, 2, 4, 16)}, r"v: expected \[B, Hkv, Sk, Dv\]"),
+    "mask-shape": (
+        {"mask": torch.ones(4, 3, dtype=torch.bool)},
+        r"mask: shape \(4, 3\) not broadcastable to \[B,Hq,Sq,Sk\]",
+    ),
+    "mask-5d": ({"mask": torch.ones(1, 1, 2, 3, 3, dtype=torch.bool)}, r"mask: shape .* not broadcastable"),
+    "mask-dtype": ({"mask": torch.ones(3, 3, dtype=torch.int32)}, r"mask dtype"),
+    "mask-type": ({"mask": [[True]]}, r"mask: expected a torch.Tensor"),
+    "scale-inf": ({"scale": math.inf}, r"scale: expected a finite float"),
+    "scale-str": ({"scale": "0.1"}, r"scale: expected a float"),
+    "window-float": ({"window_left": 1.5}, r"window_left: expected an int or None"),
+    "window-bool": ({"window_right": True}, r"window_right: expected an int or None"),
+    "mask-fill-nan": ({"mask_fill": math.nan}, r"mask_fill"),
+    "mask-fill-pos-inf": ({"mask_fill": math.inf}, r"mask_fill"),
+    "softcap-negative": ({"softcap": -1.0}, r"softcap: expected a finite float >= 0"),
+    "q-not-tensor": ({"q": None}, r"q: expected a torch.Tensor"),
 }
 
 
 @pytest.mark.parametrize("override,match", list(BAD_ARGS.values()), ids=list(BAD_ARGS))
-def test_bad_arguments_raise_value_error(override, match):
-    args = dict(q=_t(1, 2, 3, 16), k=_t(1, 2, 3, 16), v=_t(1, 2, 3, 16), mask=None, scale=0.25)
+def test_bad_arguments_raise_value_error(override, match, device):
+    args = {"q": _t(1, 2, 3, 16), "k": _t(1, 2, 3, 16), "v": _t(1, 2, 3, 16), "mask": None, "scale": 0.25}
     args.update(override)
+    args = {name: a.to(device) if isinstance(a, torch.Tensor) else a for name, a in args.items()}
     q, k, v, mask = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("mask")
     with pytest.raises(ValueError, match=match):
         flash_attention_forward(q, k, v, mask, **args)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or flash_fwd._interpreting(), reason="needs CUDA without TRITON_INTERPRET"
+)
+def test_cpu_tensors_without_interpreter_raise():
+    with pytest.raises(ValueError, match=r"q/k/v device: cpu tensors need a CUDA device or TRITON_INTERPRET=1"):
+        flash_attention_forward(_t(1, 2, 3, 16), _t(1, 2, 3, 16), _t(1, 2, 3, 16), scale=0.25)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,5 +453,29 @@ def test_gpu_long_sequences(dtype, causal, d, seq):
 def test_gpu_padding_mask_and_window(dtype):
     B, Hq, Hkv, Sq, Sk = 2, 8, 2, 2049, 3001
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 128, dtype, "cuda")
-    pad = torch.arange(Sk, device="cuda")[None, None, None, :] < torch.tensor([Sk, 1500], device="cuda")[:, None, None, None]
+    lengths = torch.tensor([Sk, 1500], device="cuda")
+    pad = torch.arange(Sk, device="cuda")[None, None, None, :] < lengths[:, None, None, None]  # [B, 1, 1, Sk]
     _check(q, k, v, pad, window_left=511, window_right=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["bool", "add-fp32"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_masks_every_head_dim(d, kind):
+    # a mask tile is multi-buffered like K and V: these are the configs most likely to overflow shared memory
+    q, k, v = _qkv(2, 4, 1, 1500, 1777, d, BF16, "cuda", "bshd")
+    _check(q, k, v, _random_mask((2, 1, 1500, 1777), kind, "cuda"), window_right=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_config_falls_back_on_shared_memory_overflow(monkeypatch):
+    # 128x128 tiles at D=128 with 4 stages want ~288 KB of shared memory (H100: 227 KB)
+    too_big = flash_fwd.FwdConfig(128, 128, 8, 4)
+    monkeypatch.setattr(flash_fwd, "_pick_config", lambda *args: too_big)
+    monkeypatch.setattr(flash_fwd, "_FITTED", {})
+    q, k, v = _qkv(1, 2, 2, 700, 900, 128, FP16, "cuda")
+    _check(q, k, v, window_right=0)
+    (cfg,) = flash_fwd._FITTED.values()
+    assert cfg != too_big
