@@ -112,12 +112,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--csv", default=None)
     parser.add_argument("--methods", default="flashfuse,sdpa_cudnn,sdpa_flash,flex,torch_compile")
+    parser.add_argument("--seqs", default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--dims", default=None, help="comma-separated head dims")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
     methods = args.methods.split(",")
     seqs = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192]
     dims = [128] if args.quick else [64, 128]
+    if args.seqs:
+        seqs = [int(x) for x in args.seqs.split(",")]
+    if args.dims:
+        dims = [int(x) for x in args.dims.split(",")]
     cases = [Case(torch.bfloat16, max(1, 16384 // S), 16, S, D, causal)
              for D in dims for S in seqs for causal in (False, True)]
     import triton

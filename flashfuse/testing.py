@@ -1,7 +1,9 @@
 """The eager oracle for ``flashfuse::attention``: the semantics every kernel must reproduce.
 
 ``attention_ref`` is plain PyTorch, readable top to bottom. Tests compare kernels against it in
-float64 (``upcast=True``); the op's CPU path without the Triton interpreter runs it in float32.
+float64 (``upcast=True``); the op's CPU path without the Triton interpreter runs it in float32
+(``upcast=False``: float32 math, the output rounded to the input dtype -- more accurate than eager
+fp16/bf16 attention, so "2x the error of upcast=False" is a stricter rule than "2x eager's error").
 
 Semantics (``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]``, ``Hq % Hkv == 0``):
 
@@ -97,7 +99,7 @@ def attention_ref(
         empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
         if empty.any():
             out = torch.where(empty[..., None], vf.mean(dim=-2, keepdim=True).expand_as(out), out)
-            lse = torch.where(empty, torch.full_like(lse, mask_fill + math.log(Sk)), lse)
+            lse = torch.where(empty, torch.full_like(lse, mask_fill + math.log(max(Sk, 1))), lse)
     return out.to(out_dtype), lse.to(torch.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -59,6 +60,7 @@ def is_scalar(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
@@ -68,7 +70,9 @@ def source_line(node: fx.Node) -> str:
     frames = _FRAME.findall(trace)
     if not frames:
         return f"<graph node {node.name}>"
-    path, line = frames[-1]
+    # the innermost frame outside torch itself (a TorchFunctionMode such as set_default_device adds one)
+    user = [f for f in frames if not os.path.abspath(f[0]).startswith(_TORCH_DIR)]
+    path, line = (user or frames)[-1]
     return f"{path}:{line}"
 
 
