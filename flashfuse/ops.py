@@ -97,6 +97,20 @@ def _use_kernel(q: torch.Tensor) -> bool:
     return _interpreting() and _triton_available()
 
 
+def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mask_dtype: torch.dtype | None) -> str:
+    """What the op will run for such inputs (shown in the report and the dumps)."""
+    if device.type == "cuda" or (_interpreting() and _triton_available()):
+        from flashfuse.kernels.flash_fwd import _interpreting as kernel_interpreting
+        from flashfuse.kernels.flash_fwd import _pick_config
+
+        itemsize = 0 if mask_dtype is None else torch.empty((), dtype=mask_dtype).element_size()
+        cfg = _pick_config(int(head_dim), dtype, device, itemsize)
+        where = "triton interpreter" if kernel_interpreting() else "triton"
+        return (f"flash_fwd ({where}) BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} "
+                f"num_warps={cfg.num_warps} num_stages={cfg.num_stages}")
+    return "reference (CPU, float32)"
+
+
 @torch.library.custom_op("flashfuse::attention", mutates_args=())
 def _attention(
     q: torch.Tensor,

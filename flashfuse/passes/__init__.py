@@ -60,11 +60,29 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         for term in site.masks:
             term.node = replaced.get(term.node, term.node)
         replaced[site.pv] = rewrite_site(gm, site)
-        ctx.report.sites.append(SiteReport(True, None, site.source, dict(site.flags), ctx.report.graph))
+        flags = dict(site.flags)
+        flags["kernel"] = _kernel_choice(site)
+        ctx.report.sites.append(SiteReport(True, None, site.source, flags, ctx.report.graph))
         done += 1
     gm.graph.lint()
     gm.recompile()
     return {"rewritten": done}
+
+
+def _kernel_choice(site: AttentionSite) -> str:
+    from flashfuse.ops import describe_kernel
+    from flashfuse.passes.graph_utils import tensor_val
+
+    q = tensor_val(site.q)
+    head_dim = q.shape[-1]
+    if isinstance(head_dim, torch.SymInt):
+        head_dim = head_dim.node.hint
+    masks = [tensor_val(m.node) for m in site.masks]
+    mask_dtype = None if not masks else (torch.bool if site.masks[0].kind == "bool" else masks[0].dtype)
+    try:
+        return describe_kernel(q.device, head_dim, q.dtype, mask_dtype)
+    except Exception as exc:  # the report must not break a compile
+        return f"unknown ({type(exc).__name__})"
 
 
 #: (name, pass): each pass is ``fn(gm, ctx) -> stats`` and mutates ``gm`` in place
