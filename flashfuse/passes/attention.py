@@ -397,10 +397,16 @@ class _SiteFinder:
             band = band_of_keep(keep, self._scores_rank)
             if band is not None:
                 self._pending_band = band
+                self._atoms_to_masks(band, masks)
                 fills.append(fill)
                 return
         masks.append(MaskTerm("bool", m, negate=not keep_is_true))
         fills.append(fill)
+
+    def _atoms_to_masks(self, band: Band, masks: list) -> None:
+        """Data atoms AND-ed with a band (HF's ``causal & padding[b, j]``) become boolean mask tensors."""
+        for atom, negated in band.atoms:
+            masks.append(MaskTerm("bool", self.masks.atom_nodes[atom], negate=negated))
 
     def _bias(self, bias: fx.Node, scores_shape, masks, fills) -> None:
         self._pending_band = None
@@ -416,6 +422,7 @@ class _SiteFinder:
             if found is not None:
                 band, fill = found
                 self._pending_band = band
+                self._atoms_to_masks(band, masks)
                 if fill is not None:
                     fills.append(fill)
                 return

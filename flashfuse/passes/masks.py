@@ -52,13 +52,26 @@ class Sym:
     dims: tuple
     sizes: tuple
     rules: tuple = ()
+    atoms: frozenset = frozenset()  # data atoms (see _Atom) inside expr
 
     def is_bool(self) -> bool:
         return _is_boolexpr(self.expr)
 
 
+class _Atom(sympy.Symbol):
+    """A boolean tensor the analyzer cannot see into (a padding mask gathered by batch and key index).
+
+    It may still take part in a structured mask (``band & padding[b, j]``): the band becomes kernel flags
+    and the atom's own tensor is passed as a (broadcast) boolean mask. Atoms only travel through ops that
+    keep dims aligned from the right (elementwise ops, casts, expand), so the atom's tensor broadcasts
+    against the scores exactly as the mask it is part of does.
+    """
+
+
 def _is_boolexpr(e: Any) -> bool:
     """A boolean sympy expression (sympy's Symbol is also a Boolean; ours are integer indices)."""
+    if isinstance(e, _Atom):
+        return True
     return isinstance(e, sympy.logic.boolalg.Boolean) and not isinstance(e, sympy.Symbol)
 
 
@@ -72,14 +85,14 @@ def _is_one(size: Any) -> bool:
     return not isinstance(size, torch.SymInt) and int(size) == 1
 
 
-def _make(expr, sizes, dims=None, rules=()) -> Sym:
+def _make(expr, sizes, dims=None, rules=(), atoms=frozenset()) -> Sym:
     sizes = tuple(sizes)
     if dims is None:
         dims = tuple(_new_sym() for _ in sizes)
     subs = {d: 0 for d, s in zip(dims, sizes) if _is_one(s)}
     if subs and hasattr(expr, "subs"):
         expr = expr.subs(subs)
-    return Sym(expr, tuple(dims), sizes, tuple(rules))
+    return Sym(expr, tuple(dims), sizes, tuple(rules), frozenset(atoms))
 
 
 def _scalar(x: Any) -> Any:
@@ -153,6 +166,7 @@ _ARITH = {torch.add: operator.add, torch.sub: operator.sub, torch.mul: operator.
           "add": operator.add, "sub": operator.sub, "mul": operator.mul}
 _SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous", "clone",
                   "detach", "view_as", "reshape_as", "flatten"}
+_ALIGNED_METHODS = {"expand", "expand_as", "contiguous", "clone", "detach"}
 _SHAPE_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.clone, torch.broadcast_to}
 _CAST_METHODS = {"bool", "float", "half", "bfloat16", "long", "int", "double", "to", "type", "type_as"}
 
@@ -164,6 +178,7 @@ class MaskAnalyzer:
         self.gm = gm
         self.constants = constants or {}
         self.memo: dict[fx.Node, Sym | None] = {}
+        self.atom_nodes: dict[_Atom, fx.Node] = {}
 
     def evaluate(self, x: Any) -> Sym | None:
         s = _scalar(x)
@@ -176,6 +191,11 @@ class MaskAnalyzer:
                 self.memo[x] = self._eval(x)
             except (NotStructure, TypeError, ValueError, KeyError, IndexError, AttributeError):
                 self.memo[x] = None
+            v = val(x)
+            if self.memo[x] is None and isinstance(v, torch.Tensor) and v.dtype == torch.bool:
+                atom = _Atom(f"data{len(self.atom_nodes)}")
+                self.atom_nodes[atom] = x
+                self.memo[x] = _make(atom, tuple(v.shape), rules=("data_atom",), atoms={atom})
         return self.memo[x]
 
     # ---------------------------------------------------------------------------------------------
@@ -218,7 +238,7 @@ class MaskAnalyzer:
         if t in (torch.tril, torch.triu, "tril", "triu"):
             x = self.evaluate(args[0])
             diag = _scalar(get_arg(n, 1, "diagonal", 0))
-            if x is None or diag is None or len(x.dims) < 2:
+            if x is None or diag is None or len(x.dims) < 2 or x.atoms:
                 return None
             r, c = x.dims[-2], x.dims[-1]
             lower = t in (torch.tril, "tril")
@@ -238,10 +258,10 @@ class MaskAnalyzer:
             x = self.evaluate(args[0])
             if x is None:
                 return None
-            return _make(sympy.Not(_to_bool(x.expr)), sizes, x.dims, x.rules)
+            return _make(sympy.Not(_to_bool(x.expr)), sizes, x.dims, x.rules, x.atoms)
         if t in (operator.neg, torch.neg, "neg", "__neg__"):
             x = self.evaluate(args[0])
-            return None if x is None else _make(-_to_num(x.expr), sizes, x.dims, x.rules)
+            return None if x is None else _make(-_to_num(x.expr), sizes, x.dims, x.rules, x.atoms)
         if t in _ARITH:
             op = _ARITH[t]
             return self._binary(n, lambda a, b: op(_to_num(a), _to_num(b)), sizes, "arith")
@@ -255,13 +275,15 @@ class MaskAnalyzer:
             if x is None:
                 return None
             expr = _to_bool(x.expr) if v.dtype == torch.bool else _to_num(x.expr)
-            return _make(expr, sizes, x.dims, x.rules)
+            return _make(expr, sizes, x.dims, x.rules, x.atoms)
         if (n.op == "call_method" and t in _SHAPE_METHODS) or t in _SHAPE_FUNCTIONS:
             x = self.evaluate(args[0])
             if x is None:
                 return None
+            if x.atoms and not (t in _ALIGNED_METHODS or t is torch.broadcast_to):
+                return None  # a data atom must stay aligned from the right with the scores
             dims = _map_dims(x.sizes, x.dims, sizes)
-            return None if dims is None else _make(x.expr, sizes, dims, x.rules)
+            return None if dims is None else _make(x.expr, sizes, dims, x.rules, x.atoms)
         return None
 
     def _where(self, c, a, b):
@@ -279,12 +301,13 @@ class MaskAnalyzer:
             return None
         dims_out, exprs = _broadcast(vals, sizes)
         rules = tuple(r for x in vals for r in x.rules) + ((rule,) if rule else ())
-        return _make(fn(*exprs), sizes, dims_out, rules)
+        atoms = frozenset().union(*(x.atoms for x in vals))
+        return _make(fn(*exprs), sizes, dims_out, rules, atoms)
 
     def _getitem(self, n: fx.Node, sizes) -> Sym | None:
         x = self.evaluate(n.args[0])
         idx = n.args[1]
-        if x is None:
+        if x is None or x.atoms:
             return None
         if not isinstance(idx, tuple):
             idx = (idx,)
@@ -449,11 +472,13 @@ class Band:
     lo: int | None
     hi: int | None
     rules: tuple = ()
+    #: data atoms AND-ed with the band: ((atom, negated), ...); their tensors become a boolean mask
+    atoms: tuple = ()
 
     def intersect(self, other: "Band") -> "Band":
         lo = _max_opt(self.lo, other.lo)
         hi = _min_opt(self.hi, other.hi)
-        return Band(lo, hi, self.rules + other.rules)
+        return Band(lo, hi, self.rules + other.rules, self.atoms + other.atoms)
 
 
 def _max_opt(a, b):
@@ -490,7 +515,7 @@ def band_of_keep(keep: Sym, scores_rank: int) -> Band | None:
     bounds = _bounds(expr)
     if bounds is None:
         return None
-    return Band(bounds[0], bounds[1], keep.rules)
+    return Band(bounds[0], bounds[1], keep.rules, bounds[2])
 
 
 def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float):
@@ -513,24 +538,31 @@ def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float):
     fill = float(fill)
     if not fill <= fill_threshold:
         return None
-    keep = Sym(zero[0], (), ())
-    keep_expr = sympy.simplify_logic(zero[0].subs(J, I + D))
+    keep_expr = zero[0].subs(J, I + D)
+    if keep_expr not in (sympy.true, sympy.false):
+        keep_expr = sympy.simplify_logic(keep_expr)
     bounds = _bounds(keep_expr)
     if bounds is None:
         return None
-    del keep
-    return Band(bounds[0], bounds[1], bias.rules), fill
+    return Band(bounds[0], bounds[1], bias.rules, bounds[2]), fill
 
 
 def _bounds(expr):
-    """``(lo, hi)`` on D of a conjunction of linear relations in D alone, or None."""
+    """``(lo, hi, data_atoms)``: a conjunction of linear relations in D alone and data atoms, or None."""
     if expr is sympy.true:
-        return None, None
+        return None, None, ()
     if expr is sympy.false:
         return None
     atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
     lo = hi = None
+    data = []
     for atom in atoms:
+        if isinstance(atom, _Atom):
+            data.append((atom, False))
+            continue
+        if isinstance(atom, sympy.Not) and isinstance(atom.args[0], _Atom):
+            data.append((atom.args[0], True))
+            continue
         if isinstance(atom, sympy.Not):
             atom = atom.args[0]
             if not isinstance(atom, sympy.core.relational.Relational):
@@ -569,4 +601,4 @@ def _bounds(expr):
             hi = int(new_hi) if hi is None else min(hi, int(new_hi))
         if new_lo is not None:
             lo = int(new_lo) if lo is None else max(lo, int(new_lo))
-    return lo, hi
+    return lo, hi, tuple(data)

@@ -413,3 +413,32 @@ def test_mask_that_broadcasts_scores_larger_is_left_alone():
     m = torch.ones(2, 1, 10, 10, dtype=torch.bool)
     out, rep = compile_and_report(fn, q, k, v, m)
     assert rep.rewritten == 0 and "broadcasts the scores" in rep.sites[0].reason
+
+
+def hf_style_mask(padding, q_len, kv_len, dtype, window=None):
+    """transformers' eager mask: (kv <= q [& q - kv < window]) & padding[b, kv], then where(m, 0, finfo.min)."""
+    b = torch.arange(padding.shape[0])[:, None, None, None]
+    q_idx = torch.arange(q_len)[None, None, :, None]
+    kv_idx = torch.arange(kv_len)[None, None, None, :]
+    keep = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx)
+    if window is not None:
+        keep = keep & (q_idx - kv_idx < window)
+    keep = keep & padding.to(torch.bool)[b, kv_idx]
+    keep = keep.expand(padding.shape[0], -1, q_len, kv_len)
+    return torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_hf_padding_and_causal_decompose_into_flags_and_a_key_mask(window):
+    def fn(q, k, v, padding):
+        mask = hf_style_mask(padding, q.shape[-2], k.shape[-2], torch.float32, window)  # fp32 min, also in fp64 runs
+        s = (q @ k.transpose(-2, -1)) * 0.25 + mask
+        return F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+    padding = torch.ones(2, 19, dtype=torch.long)
+    padding[0, :5] = 0  # left padding: the first rows of batch 0 are fully masked (mean of v, as eager)
+    flags = {"causal": window is None, "window_right": 0, "mask": "bool", "mask_fill": torch.finfo(torch.float32).min}
+    if window is not None:
+        flags["window_left"] = window - 1
+    rep = check(fn, *qkv(S=19), padding, flags=flags)
+    assert "data_atom" in only_site(rep).flags["structure"]
