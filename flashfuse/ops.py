@@ -122,26 +122,39 @@ def _attention(
     window_right: Optional[int],
     mask_fill: float,
     softcap: float,
+    sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     validate_attention_args(q, k, v, mask, window_left, window_right)
+    _validate_sinks(q, sinks)
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if _use_kernel(q):
+    if _use_kernel(q) and sinks is None:
         from flashfuse.kernels.flash_fwd import flash_attention_forward
 
         return flash_attention_forward(
             q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
             mask_fill=mask_fill, softcap=softcap,
         )
+    # NOTE: sinks run the reference until the kernel has them
     out, lse = testing.attention_ref(
         q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-        mask_fill=mask_fill, softcap=softcap, upcast=False,
+        mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
     )
     return out.contiguous(), lse.contiguous()
 
 
+def _validate_sinks(q: torch.Tensor, sinks) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+        shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks: expected a [Hq] = [{q.shape[1]}] tensor, got {shape}")
+    if not sinks.dtype.is_floating_point:
+        raise ValueError(f"sinks: dtype {sinks.dtype} is not a float dtype")
+
+
 @_attention.register_fake
-def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap):
+def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -150,6 +163,8 @@ def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, 
 
 # NOTE: the backward is a reference implementation (recompute P in float32, the standard
 # dS = P * (dP - rowsum(dO * O)) identity); the Triton backward kernels replace it in the training issue.
+# It returns a gradient for an additive mask (a trainable bias, T5's position bias) and for sinks; an
+# empty tensor stands for "no gradient" (custom ops cannot return None).
 @torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
 def _attention_backward(
     grad_out: torch.Tensor,
@@ -164,34 +179,43 @@ def _attention_backward(
     window_right: Optional[int],
     mask_fill: float,
     softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sinks: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv = testing.attention_backward_ref(
+    dq, dk, dv, dmask, dsinks = testing.attention_backward_ref(
         grad_out, q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-        mask_fill=mask_fill, softcap=softcap, upcast=False,
+        mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
     )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    dmask = dmask.contiguous() if dmask is not None else q.new_empty(0)
+    dsinks = dsinks.contiguous() if dsinks is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask, dsinks
 
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
-                             softcap):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                             softcap, sinks=None):
+    dmask = mask.new_empty(mask.shape) if mask is not None and mask.dtype != torch.bool else q.new_empty(0)
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask, dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, window_left, window_right, mask_fill, softcap = inputs
+    q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, *rest = inputs
+    sinks = rest[0] if rest else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.save_for_backward(q, k, v, mask, out, lse, sinks)
     ctx.params = (scale, window_left, window_right, mask_fill, softcap)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.flashfuse.attention_backward(grad_out, q, k, v, mask, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, mask, out, lse, sinks = ctx.saved_tensors
+    dq, dk, dv, dmask, dsinks = torch.ops.flashfuse.attention_backward(
+        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks)
+    dmask = dmask if mask is not None and mask.dtype != torch.bool else None
+    dsinks = dsinks if sinks is not None else None
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -209,21 +233,22 @@ def attention(
     window_right: int | None = None,
     mask_fill: float = -math.inf,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused attention, ``softmax(q kᵀ * scale + mask) v`` with GQA by head map; see ``flashfuse.testing``.
 
-    ``causal=True`` is ``window_right=0`` (key index <= query index). Returns ``[B, Hq, Sq, D]``.
+    ``causal=True`` is ``window_right=0`` (key index <= query index). An additive ``mask`` and ``sinks``
+    may require grad. Returns ``[B, Hq, Sq, D]``.
     """
     validate_attention_args(q, k, v, mask, window_left, window_right)
+    _validate_sinks(q, sinks)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if causal:
         if window_right is not None and window_right != 0:
             raise ValueError(f"window_right: {window_right} contradicts causal=True")
         window_right = 0
-    if mask is not None and mask.requires_grad:
-        raise ValueError("mask: a mask or bias that requires grad is not supported yet")
     out, _ = torch.ops.flashfuse.attention(
-        q, k, v, mask, float(scale), window_left, window_right, float(mask_fill), float(softcap)
+        q, k, v, mask, float(scale), window_left, window_right, float(mask_fill), float(softcap), sinks
     )
     return out

@@ -20,6 +20,10 @@ Semantics (``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]`
    The same holds when the kept positions' scores are themselves at or below ``mask_fill / 2``
    (an additive ``finfo.min`` bias on top of a boolean ``finfo.min`` fill: all equal in fp32).
 7. ``lse`` is the natural log-sum-exp of the kept scores of each row, float32 ``[B, Hq, Sq]``.
+8. ``sinks`` (``[Hq]``, GPT-OSS's attention sinks): one extra logit per head joins every row's softmax
+   denominator and is dropped after it: ``p_j = exp(s_j) / (sum_k exp(s_k) + exp(sink_h))``. ``lse``
+   includes it. A row with nothing kept is then 0 (the sink takes all the weight), never NaN, and rule 6
+   does not apply.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def attention_ref(
     window_right: int | None = None,
     mask_fill: float = -math.inf,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out, lse)``; ``out`` in ``q.dtype`` (float64 if ``upcast``), ``lse`` float32."""
@@ -88,13 +93,18 @@ def attention_ref(
     s = s.masked_fill(~keep, -math.inf)
 
     m = s.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(work).view(1, Hq, 1, 1)
+        m = torch.maximum(m, sink)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe)
     l = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        l = l + torch.exp(sink - m_safe)
     out = torch.matmul(p, vf) / l  # 0/0 = NaN for rows with nothing kept
     lse = (torch.log(l) + m_safe).squeeze(-1)
 
-    if math.isfinite(mask_fill):
+    if math.isfinite(mask_fill) and sinks is None:
         # rule 6: rows that the original saw as all-fill are the plain mean of v
         empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
         if empty.any():
@@ -103,8 +113,8 @@ def attention_ref(
     return out.to(out_dtype), lse.to(torch.float32)
 
 
-def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work):
-    """``(p, tanh_term, empty_rows)`` as the forward computes them, in ``work`` precision."""
+def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work, sinks=None):
+    """``(p, tanh_term, empty_rows, p_sink)`` as the forward computes them, in ``work`` precision."""
     B, Hq, Sq, D = q.shape
     Sk = k.shape[-2]
     qf, kf = q.to(work), expand_kv(k.to(work), Hq)
@@ -124,15 +134,23 @@ def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, s
         keep = keep & struct
     s = s.masked_fill(~keep, -math.inf)
     m = s.amax(dim=-1, keepdim=True)
+    if sinks is not None:
+        sink = sinks.to(work).view(1, Hq, 1, 1)
+        m = torch.maximum(m, sink)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m_safe)
     l = p.sum(dim=-1, keepdim=True)
+    p_sink = None
+    if sinks is not None:
+        e_sink = torch.exp(sink - m_safe)
+        l = l + e_sink
+        p_sink = (e_sink / l).squeeze(-1)
     p = p / l
     empty = torch.zeros(B, Hq, Sq, dtype=torch.bool, device=q.device)
-    if math.isfinite(mask_fill):
+    if math.isfinite(mask_fill) and sinks is None:
         empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
         p = torch.where(empty[..., None], torch.full_like(p, 1.0 / Sk), p)
-    return p, t, empty
+    return p, t, empty, p_sink
 
 
 def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -142,23 +160,45 @@ def _sum_groups(x: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def attention_backward_ref(grad_out, q, k, v, mask=None, *, scale, window_left=None, window_right=None,
-                           mask_fill=-math.inf, softcap=0.0, upcast=True):
-    """``(dq, dk, dv)`` of ``attention_ref``'s output, by the standard identities (no autograd needed).
+                           mask_fill=-math.inf, softcap=0.0, sinks=None, upcast=True):
+    """``(dq, dk, dv, dmask, dsinks)`` of ``attention_ref``'s output, by the standard identities.
 
-    ``dS = P * (dP - rowsum(dP * P))``; soft-capping multiplies by ``1 - tanh²``; rows that are the
-    plain mean of ``v`` (rule 6) pass no gradient to ``q`` and ``k``; GQA sums over each group.
+    ``dS = P * (dP - rowsum(dO * O))``; an additive mask's gradient is ``dS`` summed over the dims it
+    broadcasts (None for a bool mask); soft-capping multiplies by ``1 - tanh²`` (after the bias gradient,
+    which sees the capped scores); rows that are the plain mean of ``v`` (rule 6) pass no gradient to
+    ``q``, ``k`` or the mask; a sink's gradient is ``-sum(p_sink * rowsum(dO * O))``; GQA sums over each
+    group. No autograd: it runs inside a custom op, below the autograd dispatch key.
     """
     work = torch.float64 if upcast else torch.float32
     Hq, Hkv = q.shape[1], k.shape[1]
-    p, t, empty = _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work)
+    p, t, empty, p_sink = _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap,
+                                         work, sinks)
     do = grad_out.to(work)
     kf, vf = expand_kv(k.to(work), Hq), expand_kv(v.to(work), Hq)
     dv = torch.matmul(p.transpose(-2, -1), do)
     dp = torch.matmul(do, vf.transpose(-2, -1))
-    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    o = torch.matmul(p, vf)
+    delta = (do * o).sum(dim=-1, keepdim=True)  # rowsum(dO * O); equals rowsum(dP * P)
+    ds = p * (dp - delta)
     ds = torch.where(empty[..., None], torch.zeros_like(ds), ds)
+    dmask = None
+    if mask is not None and mask.dtype != torch.bool:
+        dmask = _reduce_to(ds, mask.shape).to(mask.dtype)
+    dsinks = None
+    if sinks is not None:
+        dsinks = (-(p_sink * delta.squeeze(-1))).sum(dim=(0, 2)).to(sinks.dtype)
     if t is not None:
         ds = ds * (1 - t * t)
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-2, -1), q.to(work)) * scale
-    return dq.to(q.dtype), _sum_groups(dk, Hkv).to(k.dtype), _sum_groups(dv, Hkv).to(v.dtype)
+    return (dq.to(q.dtype), _sum_groups(dk, Hkv).to(k.dtype), _sum_groups(dv, Hkv).to(v.dtype), dmask, dsinks)
+
+
+def _reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``x`` over the dims that ``shape`` broadcasts (the adjoint of broadcasting)."""
+    shape = tuple(shape)
+    lead = x.dim() - len(shape)
+    if lead:
+        x = x.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x

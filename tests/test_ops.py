@@ -85,3 +85,28 @@ def test_backward_reference_matches_autograd(case):
     got = attention_backward_ref(g, q.detach(), k.detach(), v.detach(), mask, **kw)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_trainable_bias_and_sinks_get_gradients():
+    q, k, v = (t.double().requires_grad_(True) for t in _qkv(S=11, D=16))
+    q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    bias = torch.randn(1, 4, 11, 11, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    bias32 = bias.detach().float().requires_grad_(True)
+    sinks32 = sinks.detach().float().requires_grad_(True)
+    out = flashfuse.attention(q32, k32, v32, bias32, scale=0.3, causal=True, sinks=sinks32)
+    g = torch.randn_like(out)
+    out.backward(g)
+
+    def naive(q, k, v, bias, sinks):  # GPT-OSS: sinks join the softmax, then are dropped
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        s = (q @ kk.transpose(-2, -1)) * 0.3 + bias
+        s = s.masked_fill(~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf"))
+        s = torch.cat([s, sinks.view(1, 4, 1, 1).expand(1, 4, 11, 1)], dim=-1)
+        return s.softmax(-1)[..., :-1] @ vv
+
+    ref = naive(q, k, v, bias, sinks)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    ref.backward(g.double())
+    for got, want in ((q32, q), (k32, k), (v32, v), (bias32, bias), (sinks32, sinks)):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=5e-5, rtol=1e-3)

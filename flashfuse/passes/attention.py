@@ -323,11 +323,6 @@ class _SiteFinder:
             raise _Refuse(f"the scale {scale} is not finite")
         if sym_factors:
             scale = _default_scale_or_refuse(sym_factors, scale, head_dim)
-        for m in masks:
-            mv = tensor_val(m.node)
-            if mv is not None and mv.requires_grad:
-                raise _Refuse("a mask or bias that requires grad (trainable bias) is not supported yet",
-                              hint="the bias gradient comes with training support; detach the bias if it is fixed")
         n_bool = sum(m.kind == "bool" for m in masks)
         n_add = sum(m.kind == "additive" for m in masks)
         if n_bool and n_add:
@@ -353,6 +348,7 @@ class _SiteFinder:
             "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
             "dropout": dropout_p,
+            "bias_grad": any(getattr(tensor_val(m.node), "requires_grad", False) for m in masks),
             "dtype": str(qv.dtype).replace("torch.", ""),
             "rank": r,
         }

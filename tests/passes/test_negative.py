@@ -57,17 +57,6 @@ def test_scores_reused():
     left_alone(fn, *qkv(S=10), reason="have another user")
 
 
-def test_bias_requiring_grad():
-    bias = torch.randn(1, 4, 12, 12, requires_grad=True)
-
-    def fn(q, k, v):
-        return ((q @ k.transpose(-2, -1)) * 0.25 + bias).softmax(-1) @ v
-
-    out, rep = compile_and_report(fn, *qkv(S=12))
-    site = only_site(rep)
-    assert not site.rewritten and "requires grad" in site.reason
-
-
 def test_unsupported_dtype_float64():
     left_alone(lambda q, k, v: ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v,
                *qkv(S=10, dtype=torch.float64), reason="dtype torch.float64 unsupported")

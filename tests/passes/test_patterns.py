@@ -442,3 +442,19 @@ def test_hf_padding_and_causal_decompose_into_flags_and_a_key_mask(window):
         flags["window_left"] = window - 1
     rep = check(fn, *qkv(S=19), padding, flags=flags)
     assert "data_atom" in only_site(rep).flags["structure"]
+
+
+def test_trainable_bias_is_rewritten_and_gets_its_gradient():
+    bias = torch.randn(1, 4, 12, 12, requires_grad=True)  # T5's learned relative position bias
+
+    def fn(q, k, v):
+        return ((q @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
+
+    q, k, v = (t.requires_grad_(True) for t in qkv(S=12))
+    out, rep = compile_and_report(fn, q, k, v)
+    assert rep.rewritten == 1 and only_site(rep).flags["bias_grad"] is True
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), g)
+    want = torch.autograd.grad(fn(q, k, v), (q, k, v, bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
