@@ -47,6 +47,8 @@ class MaskTerm:
     kind: str  # "bool" or "additive"
     node: fx.Node
     negate: bool = False
+    scale: float = 1.0  # an additive bias scaled after it was added: (s + b) * c = s * c + b * c
+    in_mm_layout: bool = False  # applied to the scores in q kᵀ's layout, before a leading-dims view
 
 
 @dataclasses.dataclass
@@ -64,6 +66,8 @@ class AttentionSite:
     mask_fill: float
     masks: list[MaskTerm]
     score_rank: int
+    reshape_to_softmax: bool  # q kᵀ is [B*H, ...] and the softmax [B, H, ...] (or the reverse): views between
+    reshape_v: bool  # p @ v runs in another batch layout than the softmax (views between them)
     chain: list[fx.Node]  # nodes that die with the rewrite (scores, probs, expansions)
     source: str
     dropout: float | None
@@ -157,6 +161,10 @@ class _SiteFinder:
             if _is(u, torch.matmul) and u.args[0] is cur:
                 pv = u
                 break
+            if _is_leading_view(u):
+                chain.append(u)  # e.g. Bloom: probs [B, H, Sq, Sk] viewed back to [B*H, Sq, Sk] for bmm
+                cur = u
+                continue
             raise _Refuse(f"the softmax output feeds {_describe(u)}, not a matmul with V",
                          hint="the probabilities must go straight (casts and eval dropout aside) into p @ v")
         chain.append(pv)
@@ -168,7 +176,7 @@ class _SiteFinder:
         fills: list[float] = []
         masks: list[MaskTerm] = []
         seen_softcap = False
-        scores_shape = shape(x)
+        self._in_mm_layout = False
         cur = x
         while True:
             if len(cur.users) != 1:
@@ -178,6 +186,17 @@ class _SiteFinder:
                 chain.append(cur)
                 cur = cur.args[0]
                 continue
+            if _is_leading_view(cur):
+                # e.g. Bloom / GPT-2 upcast: scores made as [B*H, Sq, Sk] by bmm, viewed to [B, H, Sq, Sk]
+                if not _same_shape(shape(cur), shape(cur.args[0])):
+                    self._in_mm_layout = True
+                chain.append(cur)
+                cur = cur.args[0]
+                continue
+            if (_is(cur, torch.masked_fill) or _is(cur, torch.where) or _is(cur, torch.add)) and any(
+                    isinstance(a, fx.Node) and self._is_chain(a) and shape(a) is not None
+                    and not _same_shape(shape(a), shape(cur)) for a in cur.args):
+                raise _Refuse(f"a mask broadcasts the scores {shape(cur)} larger than q kᵀ")
             if _is(cur, torch.matmul):
                 qk = cur
                 chain.append(qk)
@@ -240,7 +259,7 @@ class _SiteFinder:
                 else:
                     raise _Refuse("an addition to the scores whose other operand is not a mask or bias")
                 self._check_mask_order(scale, seen_softcap, additive=True)
-                self._bias(bias, scores_shape, masks, fills)
+                self._bias(bias, shape(cur), masks, fills, scale)
                 band = band.intersect(self._pending_band) if self._pending_band else band
                 chain.append(cur)
                 cur = scores
@@ -276,11 +295,18 @@ class _SiteFinder:
         qv, kv_, vv, sv, ov = (tensor_val(n) for n in (q, k, v, qk, pv))
         if any(t is None for t in (qv, kv_, vv, sv, ov)):
             raise _Refuse("missing shape information on q, k or v")
-        rq = qv.dim()
-        if sv.dim() != r or rq != r or vv.dim() != r:
-            raise _Refuse(f"q, k, v and the scores have different ranks ({rq}, {kv_.dim()}, {vv.dim()}, {r})")
-        if r > 4:
-            raise _Refuse(f"attention over rank-{r} tensors (flashfuse handles [B, H, S, D], [B*H, S, D], [S, D])")
+        rq, r_mm = qv.dim(), sv.dim()
+        if rq != r_mm or vv.dim() != ov.dim() or kv_.dim() != r_mm:
+            raise _Refuse(f"q, k, v and the scores have different ranks ({rq}, {kv_.dim()}, {vv.dim()}, {r_mm})")
+        if r > 4 or r_mm > 4:
+            raise _Refuse(f"attention over rank-{max(r, r_mm)} tensors (flashfuse handles [B, H, S, D], "
+                          "[B*H, S, D], [S, D])")
+        sm_batch = tensor_val(x).shape[:-2]
+        reshape_to_softmax = not _same_shape(sv.shape[:-2], sm_batch)
+        reshape_v = not _same_shape(ov.shape[:-2], sm_batch)
+        for name, lead in (("q kᵀ", sv.shape[:-2]), ("p @ v", ov.shape[:-2])):
+            if not statically_known_true(math.prod(lead) == math.prod(sm_batch)):
+                raise _Refuse(f"the views between {name} and the softmax change more than the batch/head dims")
         if qv.dtype not in ops.SUPPORTED_DTYPES:
             raise _Refuse(f"dtype {qv.dtype} unsupported (float16, bfloat16, float32)",
                           hint="run attention in float16, bfloat16 or float32")
@@ -302,12 +328,10 @@ class _SiteFinder:
         sk = sv.shape[-1]
         if isinstance(sk, int) and sk < self.config.min_seq_len:
             raise _Refuse(f"key length {sk} is below min_seq_len={self.config.min_seq_len}")
-        if not _same_shape(tensor_val(x).shape, sv.shape):
+        if not reshape_to_softmax and not _same_shape(tensor_val(x).shape, sv.shape):
             raise _Refuse(f"a mask broadcasts the scores {tuple(sv.shape)} to a larger shape {tuple(tensor_val(x).shape)}")
-        if not all(statically_known_true(a == b) for a, b in zip(sv.shape[:-2], ov.shape[:-2])):
-            raise _Refuse("the scores and the output have different batch dims")
-        batch_dims = sv.shape[:-2]
         for name, t in (("q", qv), ("k", kv_), ("v", vv)):
+            batch_dims = ov.shape[:-2] if name == "v" else sv.shape[:-2]
             for i, (have, want) in enumerate(zip(t.shape[:-2], batch_dims)):
                 if statically_known_true(have == want) or have == 1:
                     continue
@@ -323,11 +347,6 @@ class _SiteFinder:
             raise _Refuse(f"the scale {scale} is not finite")
         if sym_factors:
             scale = _default_scale_or_refuse(sym_factors, scale, head_dim)
-        n_bool = sum(m.kind == "bool" for m in masks)
-        n_add = sum(m.kind == "additive" for m in masks)
-        if n_bool and n_add:
-            raise _Refuse("both a boolean mask tensor and an additive mask tensor on the same scores",
-                          hint="fold the boolean mask into the additive one (where(m, bias, finfo.min))")
         mask_fill = -math.inf
         if fills:
             if any(f != fills[0] for f in fills):
@@ -343,7 +362,7 @@ class _SiteFinder:
             "window_left": None if band.lo is None else -band.lo,
             "window_right": band.hi,
             "gqa_groups": groups,
-            "mask": "none" if not masks else masks[0].kind if len(masks) == 1 else f"{len(masks)}x{masks[0].kind}",
+            "mask": _mask_label(masks),
             "mask_fill": mask_fill,
             "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
@@ -357,6 +376,7 @@ class _SiteFinder:
         return AttentionSite(
             softmax=sm, pv=pv, q=q, k=k, v=v, k_transposed=k_transposed, gqa_groups=groups, scale=scale,
             softcap=softcap, band=band, mask_fill=mask_fill, masks=masks, score_rank=r, chain=chain,
+            reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v,
             source=source, dropout=dropout_p, flags=flags,
         )
 
@@ -376,8 +396,8 @@ class _SiteFinder:
         """Walking up, ``scale_below`` is the product of scales applied (in forward order) after this mask."""
         if seen_softcap:
             raise _Refuse("a mask applied before soft-capping (the cap would act on the fill value)")
-        if scale_below <= 0 or (additive and scale_below != 1.0):
-            raise _Refuse("the scores are scaled after a mask or bias was applied")
+        if scale_below <= 0:
+            raise _Refuse("the scores are scaled by a negative number after a mask or bias was applied")
 
     def _mask(self, m, *, keep_is_true: bool, fill: float, masks, fills) -> None:
         """A boolean mask ``m`` (keep where ``m == keep_is_true``) filled with ``fill``."""
@@ -396,15 +416,16 @@ class _SiteFinder:
                 self._atoms_to_masks(band, masks)
                 fills.append(fill)
                 return
-        masks.append(MaskTerm("bool", m, negate=not keep_is_true))
+        masks.append(MaskTerm("bool", m, negate=not keep_is_true, in_mm_layout=self._in_mm_layout))
         fills.append(fill)
 
     def _atoms_to_masks(self, band: Band, masks: list) -> None:
         """Data atoms AND-ed with a band (HF's ``causal & padding[b, j]``) become boolean mask tensors."""
         for atom, negated in band.atoms:
-            masks.append(MaskTerm("bool", self.masks.atom_nodes[atom], negate=negated))
+            masks.append(MaskTerm("bool", self.masks.atom_nodes[atom], negate=negated,
+                                  in_mm_layout=self._in_mm_layout))
 
-    def _bias(self, bias: fx.Node, scores_shape, masks, fills) -> None:
+    def _bias(self, bias: fx.Node, scores_shape, masks, fills, scale_below: float = 1.0) -> None:
         self._pending_band = None
         bv = tensor_val(bias)
         if bv is None or not bv.dtype.is_floating_point:
@@ -420,9 +441,9 @@ class _SiteFinder:
                 self._pending_band = band
                 self._atoms_to_masks(band, masks)
                 if fill is not None:
-                    fills.append(fill)
+                    fills.append(fill * scale_below)
                 return
-        masks.append(MaskTerm("additive", bias))
+        masks.append(MaskTerm("additive", bias, scale=scale_below, in_mm_layout=self._in_mm_layout))
 
     def _is_chain(self, node) -> bool:
         """Does ``node`` lead up to the q kᵀ matmul through score ops (not a mask of its own)?"""
@@ -432,7 +453,7 @@ class _SiteFinder:
             if _is(node, torch.matmul):
                 return True
             if (_is(node, to_dtype) or _is(node, torch.mul) or _is(node, torch.div) or _is(node, torch.tanh)
-                    or _is(node, torch.masked_fill)):
+                    or _is(node, torch.masked_fill) or _is_leading_view(node)):
                 node = node.args[0]
                 continue
             if _is(node, torch.add):
@@ -500,6 +521,28 @@ class _SiteFinder:
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _mask_label(masks: list) -> str:
+    """"none", "bool", "additive", "2xbool", "bool+additive", ... for the report."""
+    if not masks:
+        return "none"
+    parts = []
+    for kind in ("bool", "additive"):
+        n = sum(m.kind == kind for m in masks)
+        if n:
+            parts.append(kind if n == 1 else f"{n}x{kind}")
+    return "+".join(parts)
+
+
+def _is_leading_view(node) -> bool:
+    """A view/reshape that keeps the last two dims and only splits or merges the leading (batch, head) dims."""
+    if not (_is_method(node, "view") or _is_method(node, "reshape") or _is(node, torch.reshape)):
+        return False
+    a, b = shape(node.args[0]), shape(node)
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return False
+    return _same_shape(a[-2:], b[-2:]) and statically_known_true(math.prod(a[:-2]) == math.prod(b[:-2]))
 
 
 def _same_shape(a, b) -> bool:

@@ -34,6 +34,25 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
     return size
 
 
+def _shape_args(graph: fx.Graph, node: fx.Node, like: fx.Node) -> tuple:
+    return tuple(_size(graph, node, i, like) for i in range(tensor_val(node).dim()))
+
+
+def _to_softmax_layout(graph: fx.Graph, t: fx.Node, site: AttentionSite, like: fx.Node) -> fx.Node:
+    """View ``t`` (in q kᵀ's batch layout) with the softmax's leading dims; broadcast dims stay broadcast."""
+    sm_val, t_val = tensor_val(site.softmax), tensor_val(t)
+    n_lead = sm_val.dim() - 2
+    if t_val.dim() <= 2:
+        return t
+    lead = t_val.shape[:-2]
+    if all(not isinstance(d, torch.SymInt) and d == 1 for d in lead):
+        new = (1,) * n_lead
+    else:
+        new = tuple(_size(graph, site.softmax, i, like) for i in range(n_lead))
+    last = tuple(_size(graph, t, i, like) for i in (t_val.dim() - 2, t_val.dim() - 1))
+    return insert_call(graph, torch.reshape, (t, new + last), like=like)
+
+
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True) -> fx.Node:
     """Rewrite one site; returns the node that now stands for the old ``p @ v``.
 
@@ -45,6 +64,12 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         q, k, v = site.q, site.k, site.v
         if not site.k_transposed:
             k = insert_call(graph, torch.transpose, (k, -2, -1), like=pv)
+        if site.reshape_to_softmax:
+            # q kᵀ ran in another batch layout ([B*H, S, D]) than the softmax ([B, H, Sq, Sk]): the op runs in
+            # the softmax's layout, so q, k, v (and masks made in q kᵀ's layout) are viewed into it
+            q, k = (_to_softmax_layout(graph, t, site, pv) for t in (q, k))
+        if site.reshape_v:
+            v = _to_softmax_layout(graph, v, site, pv)
         lift = 4 - site.score_rank
         q, k, v = (_lift(graph, t, lift, pv) for t in (q, k, v))
 
@@ -58,14 +83,23 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
             lifted.append(t)
         q, k, v = lifted
 
+        # one mask tensor for the op: boolean keep-masks AND-ed; with an additive bias as well, each boolean
+        # mask joins the bias as where(keep, 0, fill) (what `masked_fill(~keep, fill)` adds, up to rounding)
+        has_bias = any(term.kind == "additive" for term in site.masks)
         mask = None
         for term in site.masks:
             m = term.node
             if term.negate:
                 m = insert_call(graph, torch.logical_not, (m,), like=pv)
+            if term.scale != 1.0:
+                m = insert_call(graph, torch.mul, (m, float(term.scale)), like=pv)
+            if term.in_mm_layout and site.reshape_to_softmax:
+                m = _to_softmax_layout(graph, m, site, pv)
+            if has_bias and term.kind == "bool":
+                m = insert_call(graph, torch.where, (m, 0.0, float(site.mask_fill)), like=pv)
             if mask is None:
                 mask = m
-            elif term.kind == "bool":
+            elif tensor_val(mask).dtype == torch.bool and tensor_val(m).dtype == torch.bool:
                 mask = insert_call(graph, torch.logical_and, (mask, m), like=pv)
             else:
                 mask = insert_call(graph, torch.add, (mask, m), like=pv)
@@ -86,6 +120,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         out = insert_call(graph, operator.getitem, (call, 0), like=pv)
         for _ in range(lift):
             out = insert_call(graph, torch.squeeze, (out, 0), like=pv)
+        if site.reshape_v:
+            out = insert_call(graph, torch.reshape, (out, _shape_args(graph, pv, pv)), like=pv)
         if tensor_val(out).dtype != tensor_val(pv).dtype:
             out = insert_call(graph, to_dtype, (out, tensor_val(pv).dtype), like=pv)
     call.meta["flashfuse_site"] = site.flags

@@ -458,3 +458,44 @@ def test_trainable_bias_is_rewritten_and_gets_its_gradient():
     want = torch.autograd.grad(fn(q, k, v), (q, k, v, bias), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bloom_style_bmm_layout_views_and_alibi():
+    # Bloom: scores made as [B*H, Sq, Sk] by baddbmm (ALiBi bias in that layout), viewed to [B, H, Sq, Sk]
+    # for the mask, and the probabilities viewed back to [B*H, Sq, Sk] for bmm with V
+    B, H, S, D = 2, 4, 14, 16
+
+    def fn(q, k, v, alibi, padding):
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.25)
+        s = s.view(B, H, S, -1)
+        mask = hf_style_mask(padding, S, S, torch.float32)
+        p = F.softmax(s + mask, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.bmm(p.view(B * H, S, -1), v)
+
+    q, k, v = (torch.randn(B * H, S, D) for _ in range(3))
+    alibi = torch.randn(B * H, 1, S)
+    padding = torch.ones(B, S, dtype=torch.long)
+    padding[1, :4] = 0
+    check(fn, q, k, v, alibi, padding, flags={"causal": True, "mask": "bool+additive", "scale": 0.25})
+
+
+def test_gpt2_upcast_style_reshape_between_bmm_and_softmax():
+    B, H, S, D = 2, 4, 13, 16
+
+    def fn(q, k, v):  # q, k: [B*H, S, D]; v: [B, H, S, D]
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        s = s.reshape(B, H, S, S)
+        causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
+        s = torch.where(causal, s, torch.finfo(torch.float32).min)
+        return s.softmax(-1) @ v
+
+    q, k = torch.randn(B * H, S, D), torch.randn(B * H, S, D)
+    check(fn, q, k, torch.randn(B, H, S, D), flags={"causal": True})
+
+
+def test_bias_added_before_the_scale():
+    def fn(q, k, v, alibi):  # Falcon with ALiBi: (q kᵀ + alibi) * inv_norm
+        s = (q @ k.transpose(-2, -1) + alibi) * 0.25
+        return s.softmax(-1) @ v
+
+    check(fn, *qkv(S=15), torch.randn(2, 4, 1, 15), flags={"mask": "additive", "scale": 0.25})
