@@ -69,11 +69,19 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
     return {"rewritten": done}
 
 
+def _kernel_has_sinks() -> bool:
+    from flashfuse import ops
+
+    return getattr(ops, "KERNEL_HAS_SINKS", False)
+
+
 def _kernel_choice(site: AttentionSite) -> str:
     from flashfuse.ops import describe_kernel
     from flashfuse.passes.graph_utils import tensor_val
 
     q = tensor_val(site.q)
+    if site.sinks is not None and not _kernel_has_sinks():
+        return "reference (attention sinks are not in the Triton kernel yet)"
     head_dim = q.shape[-1]
     if isinstance(head_dim, torch.SymInt):
         head_dim = head_dim.node.hint

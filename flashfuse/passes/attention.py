@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 from typing import Any
 
 import torch
@@ -72,6 +73,7 @@ class AttentionSite:
     source: str
     dropout: float | None
     flags: dict[str, Any]
+    sinks: fx.Node | None = None  # [1, Hq, 1, 1] per-head sink logits (GPT-OSS), reshaped to [Hq] for the op
 
 
 @dataclasses.dataclass
@@ -133,6 +135,7 @@ class _SiteFinder:
 
         # down: softmax -> [cast] -> [dropout] -> [cast] -> matmul(p, v)
         cur, dropout_p = sm, None
+        sink_slice = None
         while True:
             users = list(cur.users)
             if len(users) != 1:
@@ -165,6 +168,11 @@ class _SiteFinder:
                 chain.append(u)  # e.g. Bloom: probs [B, H, Sq, Sk] viewed back to [B*H, Sq, Sk] for bmm
                 cur = u
                 continue
+            if _is_drop_last_column(u) and sink_slice is None:
+                sink_slice = u  # GPT-OSS: the sink column is dropped after the softmax
+                chain.append(u)
+                cur = u
+                continue
             raise _Refuse(f"the softmax output feeds {_describe(u)}, not a matmul with V",
                          hint="the probabilities must go straight (casts and eval dropout aside) into p @ v")
         chain.append(pv)
@@ -177,8 +185,24 @@ class _SiteFinder:
         masks: list[MaskTerm] = []
         seen_softcap = False
         self._in_mm_layout = False
+        sinks = None
         cur = x
         while True:
+            if sink_slice is not None and sinks is None:
+                # GPT-OSS: s = cat([scores, sinks], -1); s = s - s.max(-1, keepdim=True)[0]; softmax; [..., :-1]
+                cat = _strip_max_subtraction(cur, chain)
+                if not _is(cat, torch.cat) or len(cat.users) != (1 if cat is cur else 2):
+                    raise _Refuse("the softmax output drops its last column, but the scores are not "
+                                  "cat([scores, sinks], dim=-1)")
+                parts, cat_dim = cat.args[0], get_arg(cat, 1, "dim", 0)
+                if len(parts) != 2 or cat_dim not in (-1, r - 1) or shape(parts[1])[-1] != 1:
+                    raise _Refuse("the sink column is not one extra logit concatenated after the keys")
+                sinks = _per_head_source(parts[1], r)
+                if sinks is None:
+                    raise _Refuse("the sink logits vary over more than the heads (one learned logit per head)")
+                chain.append(cat)
+                cur = parts[0]
+                continue
             if len(cur.users) != 1:
                 raise _Refuse(f"the attention scores ({cur.name}) have another user besides the softmax",
                               hint="the raw scores are also used elsewhere (logged, returned, reused); drop that use")
@@ -328,7 +352,10 @@ class _SiteFinder:
         sk = sv.shape[-1]
         if isinstance(sk, int) and sk < self.config.min_seq_len:
             raise _Refuse(f"key length {sk} is below min_seq_len={self.config.min_seq_len}")
-        if not reshape_to_softmax and not _same_shape(tensor_val(x).shape, sv.shape):
+        scores_seen = tuple(tensor_val(x).shape)
+        if sinks is not None:
+            scores_seen = scores_seen[:-1] + (scores_seen[-1] - 1,)  # without the sink column
+        if not reshape_to_softmax and not _same_shape(scores_seen, sv.shape):
             raise _Refuse(f"a mask broadcasts the scores {tuple(sv.shape)} to a larger shape {tuple(tensor_val(x).shape)}")
         for name, t in (("q", qv), ("k", kv_), ("v", vv)):
             batch_dims = ov.shape[:-2] if name == "v" else sv.shape[:-2]
@@ -367,6 +394,7 @@ class _SiteFinder:
             "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
             "dropout": dropout_p,
+            "sinks": sinks is not None,
             "bias_grad": any(getattr(tensor_val(m.node), "requires_grad", False) for m in masks),
             "dtype": str(qv.dtype).replace("torch.", ""),
             "rank": r,
@@ -376,7 +404,7 @@ class _SiteFinder:
         return AttentionSite(
             softmax=sm, pv=pv, q=q, k=k, v=v, k_transposed=k_transposed, gqa_groups=groups, scale=scale,
             softcap=softcap, band=band, mask_fill=mask_fill, masks=masks, score_rank=r, chain=chain,
-            reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v,
+            reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v, sinks=sinks,
             source=source, dropout=dropout_p, flags=flags,
         )
 
@@ -518,9 +546,78 @@ class _SiteFinder:
         results = []
         for node in list(graph.nodes):
             if _is(node, torch.softmax):
+                if not _looks_like_attention(node):
+                    log.debug("flashfuse: %s: softmax with no matmul nearby (a router, a classifier head): "
+                              "not an attention candidate", source_line(node))
+                    continue
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _looks_like_attention(sm: fx.Node) -> bool:
+    """A softmax near a matmul, above (q kᵀ) or below (p v); a router's or a classifier's softmax is not."""
+    node = sm.args[0]
+    for _ in range(10):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            break
+        if _is(node, torch.matmul):
+            return True
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and isinstance(val(a), torch.Tensor)]
+        if not tensors:
+            break
+        if _is(node, torch.cat):
+            tensors = [a for a in node.args[0] if isinstance(a, fx.Node)]
+        node = tensors[0]
+    node = sm
+    for _ in range(6):
+        users = list(node.users)
+        if len(users) != 1:
+            return any(_is(u, torch.matmul) for u in users)
+        node = users[0]
+        if _is(node, torch.matmul):
+            return True
+    return False
+
+
+def _is_drop_last_column(node) -> bool:
+    """``p[..., :-1]``"""
+    if not _is(node, operator.getitem):
+        return False
+    idx = node.args[1]
+    if not isinstance(idx, tuple) or len(idx) != 2 or idx[0] is not Ellipsis:
+        return False
+    last = idx[1]
+    return isinstance(last, slice) and last.start in (None, 0) and last.stop == -1 and last.step in (None, 1)
+
+
+def _strip_max_subtraction(node, chain: list):
+    """``x - x.max(-1, keepdim=True)[0]`` -> ``x`` (softmax is invariant to it), else ``node``."""
+    if not _is(node, torch.sub) or len(node.users) != 1:
+        return node
+    x, mx = node.args
+    if not (_is(mx, operator.getitem) and mx.args[1] == 0):
+        return node
+    red = mx.args[0]
+    if not (_is_method(red, "max") or _is(red, torch.max)) or red.args[0] is not x:
+        return node
+    dim = get_arg(red, 1, "dim", None)
+    if dim not in (-1, rank(x) - 1) or not red.kwargs.get("keepdim", len(red.args) > 2 and red.args[2]):
+        return node
+    chain.extend([node, mx, red])
+    return x
+
+
+def _per_head_source(node, r: int):
+    """The tensor a [B, H, Sq, 1] sink column is expanded from, if it varies over the heads only."""
+    while _is_method(node, "expand") or _is(node, torch.Tensor.expand) or _is_method(node, "contiguous"):
+        node = node.args[0]
+    s = shape(node)
+    if s is None or len(s) != r or r != 4:
+        return None
+    if not all(not isinstance(d, torch.SymInt) and d == 1 for i, d in enumerate(s) if i != 1):
+        return None
+    return node
 
 
 def _mask_label(masks: list) -> str:

@@ -111,10 +111,14 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         band = site.band
         window_left = None if band.lo is None else -band.lo
         window_right = band.hi
+        sinks = None
+        if site.sinks is not None:
+            sinks = insert_call(graph, torch.reshape, (site.sinks, (_size(graph, site.sinks, 1, pv),)), like=pv)
         call = insert_call(
             graph,
             torch.ops.flashfuse.attention.default,
-            (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right, float(site.mask_fill), float(site.softcap)),
+            (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
+             float(site.mask_fill), float(site.softcap), sinks),
             like=pv,
         )
         out = insert_call(graph, operator.getitem, (call, 0), like=pv)

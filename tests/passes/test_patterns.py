@@ -499,3 +499,35 @@ def test_bias_added_before_the_scale():
         return s.softmax(-1) @ v
 
     check(fn, *qkv(S=15), torch.randn(2, 4, 1, 15), flags={"mask": "additive", "scale": 0.25})
+
+
+def test_attention_sinks_gpt_oss_style():
+    sinks = torch.randn(4, requires_grad=True)  # one learned logit per head
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        T = q.shape[-2]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        column = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, T, -1)
+        combined = torch.cat([s, column], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        p = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        return p @ v
+
+    q, k, v = qkv(S=17)
+    out, rep = compile_and_report(fn, q, k, v)
+    assert rep.rewritten == 1 and only_site(rep).flags["sinks"] is True and only_site(rep).flags["causal"] is True
+    assert_matches_eager(fn, (q, k, v), out.detach())
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, (sinks,), g)
+    (want,) = torch.autograd.grad(fn(q, k, v), (sinks,), g)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_router_softmax_is_not_a_candidate():
+    def fn(x, w):
+        top = torch.topk(x @ w, 2, dim=-1).values
+        return torch.softmax(top, dim=1)
+
+    _, rep = compile_and_report(fn, torch.randn(8, 16), torch.randn(16, 4))
+    assert rep.total == 0
