@@ -25,6 +25,9 @@ Semantics are ``flashfuse.testing.attention_ref`` exactly (read its docstring fi
   that straddle a window edge or the ragged end of the keys (three loop phases, below).
 * fully masked rows: ``0 / 0 = NaN`` for a ``-inf`` fill (what eager softmax gives); for a finite
   ``mask_fill`` the mean of ``v`` over all keys, precomputed by the launcher (rule 6 of testing.py).
+* ``sinks`` (rule 8): one extra logit per head in every row's denominator. It is the online softmax's
+  starting state: ``m_i = sink`` (in the scores' units) and ``l_i = exp(sink - m_i) = 1`` with
+  ``acc = 0``, so a row with nothing kept ends as ``0 / 1 = 0`` and its ``lse`` is the sink's.
 
 Credits: Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
 (2023); Philippe Tillet and the Triton authors, ``python/tutorials/06-fused-attention.py``.
@@ -269,19 +272,19 @@ _FITTED: dict[tuple, FwdConfig] = {}
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Mask, VMean, Out, LSE,
+    Q, K, V, Mask, VMean, Sinks, Out, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
-    stride_vmb, stride_vmh, stride_vmd,
+    stride_vmb, stride_vmh, stride_vmd, stride_sink,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     Hq, GROUPS, Sq, Sk,
-    qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse, sink_unit,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -295,6 +298,7 @@ def _attn_fwd(
     softcap_out = tl.cast(softcap_out, tl.float32)
     fill_thr = tl.cast(fill_thr, tl.float32)
     fill_lse = tl.cast(fill_lse, tl.float32)
+    sink_unit = tl.cast(sink_unit, tl.float32)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -320,8 +324,15 @@ def _attn_fwd(
         other=0.0,
     )
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # the sink is a key with score `sink` (natural units, times sink_unit = the scores' units) and value 0:
+        # m_i = sink, l_i = exp(sink - m_i) = 1 (0 for a -inf sink, which then is no sink at all)
+        sink = tl.load(Sinks + h64 * stride_sink).to(tl.float32) * sink_unit
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
+        l_i = _exp(m_i - tl.where(m_i == float("-inf"), 0.0, m_i), MASK_KIND == 2)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # NOTE: key blocks of this row block, in three phases (all bounds multiples of BLOCK_N, and every
@@ -369,7 +380,7 @@ def _attn_fwd(
 
     # -- epilogue --
     # Rows with nothing kept have l_i = 0 and acc = 0: 0 / 0 = NaN and lse = -inf + log2(0) = -inf,
-    # which is what eager softmax gives with a -inf fill (rule 6).
+    # which is what eager softmax gives with a -inf fill (rule 6). With a sink, l_i >= 1 there: out = 0.
     out = acc / l_i[:, None]
     if MASK_KIND == 2:
         lse = m_i + tl.log2(l_i) * 0.6931471805599453  # m_i is already natural
@@ -471,6 +482,19 @@ def _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softca
         raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
 
 
+def _validate_sinks(q: torch.Tensor, sinks) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks: expected a torch.Tensor or None, got {type(sinks).__name__}")  # noqa: TRY004
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+        raise ValueError(f"sinks: expected shape [Hq] = [{q.shape[1]}], got {tuple(sinks.shape)}")
+    if not sinks.dtype.is_floating_point:
+        raise ValueError(f"sinks dtype: expected a float dtype, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks: device {sinks.device} differs from q's device {q.device}")
+
+
 def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -482,14 +506,17 @@ def flash_attention_forward(
     window_right: int | None = None,
     mask_fill: float = float("-inf"),
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """returns (out [B,Hq,Sq,Dv] in q.dtype, contiguous; lse [B,Hq,Sq] float32)
 
     ``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]`` with any strides; ``mask`` is
-    None, a bool keep-mask or an additive float mask broadcastable to ``[B, Hq, Sq, Sk]``. Semantics:
-    ``flashfuse.testing.attention_ref``. Bad arguments raise ``ValueError`` naming the argument.
+    None, a bool keep-mask or an additive float mask broadcastable to ``[B, Hq, Sq, Sk]``; ``sinks`` is
+    None or ``[Hq]`` in any float dtype. Semantics: ``flashfuse.testing.attention_ref``. Bad arguments
+    raise ``ValueError`` naming the argument.
     """
     _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
+    _validate_sinks(q, sinks)
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -511,7 +538,8 @@ def flash_attention_forward(
     # scores (and m_i, fill_thr) in base 2 = natural * log2(e), except with an additive mask (kernel's _exp)
     score_unit = 1.0 if mask_kind == _MASK_ADD else _LOG2E
     mask_fill = float(mask_fill)
-    finite_fill = math.isfinite(mask_fill)
+    # rule 6 (a finite fill makes empty rows the mean of v) does not apply with sinks: they are 0 there
+    finite_fill = math.isfinite(mask_fill) and sinks is None
     if finite_fill:
         # fp32 accumulation without an fp32 copy of v; [B, Hkv, Dv] is tiny next to v itself
         vmean = torch.mean(v, dim=-2, dtype=torch.float32)
@@ -532,13 +560,14 @@ def flash_attention_forward(
     interpreted = _interpreting()
     # fmt: off
     args = (
-        q, k, v, mask_arg, vmean, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *vmean_strides, *out.stride(), *lse.stride(),
+        q, k, v, mask_arg, vmean, lse if sinks is None else sinks, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *vmean_strides,
+        0 if sinks is None else sinks.stride(0), *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Sq, Sk,
         float(scale) * score_unit,
         float(scale) / softcap if has_softcap else 0.0,
         softcap * score_unit,
-        wl, wr, fill_thr, fill_lse,
+        wl, wr, fill_thr, fill_lse, score_unit,
     )
     # fmt: on
     meta = {
@@ -549,6 +578,7 @@ def flash_attention_forward(
         "MASK_KIND": mask_kind,
         "HAS_SOFTCAP": has_softcap,
         "FINITE_FILL": finite_fill,
+        "HAS_SINKS": sinks is not None,
         # fp32 inputs: "ieee" keeps tl.dot from rounding operands to tf32 (10-bit mantissa)
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "INTERPRET_BF16": interpreted and q.dtype == torch.bfloat16,

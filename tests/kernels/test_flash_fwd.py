@@ -361,6 +361,98 @@ def test_empty_query(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# sinks (testing.py rule 8)
+# ----------------------------------------------------------------------------------------------
+
+
+def _sinks(Hq, dtype, device):
+    # around the scores' scale (|s| ~ 1..3 here) so that the sink takes a real share of some rows, not all
+    return (torch.randn(Hq, device=device) * 2).to(dtype)
+
+
+SINK_CASES = {
+    # name: (B, Hq, Hkv, Sq, Sk, D, dtype, layout, window, mask kind or None)
+    "plain": (1, 4, 4, 33, 47, 64, FP32, "bhsd", (None, None), None),
+    "gqa-causal-bf16": (2, 4, 2, 61, 61, 32, BF16, "bshd", (None, 0), None),
+    "mqa-window-fp16": (1, 4, 1, 97, 61, 64, FP16, "bhsd", (7, 0), None),
+    "bool-mask-fp16": (2, 4, 2, 33, 47, 32, FP16, "bshd", (None, None), "bool"),
+    "additive-mask-fp32": (2, 4, 2, 33, 47, 32, FP32, "bhsd", (None, 0), "add-fp32"),
+    "additive-mask-bf16": (1, 2, 1, 17, 97, 64, BF16, "bhsd", (None, None), "add-bf16"),
+}
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES.values()), ids=list(SINK_CASES))
+def test_sinks(case, device):
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout, window, kind = case
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout)
+    mask = None if kind is None else _random_mask((B, 1, Sq, Sk), kind, device)
+    sinks = _sinks(Hq, dtype, device)
+    out, lse, _, _ = _check(q, k, v, mask, window_left=window[0], window_right=window[1], sinks=sinks)
+    assert not out.isnan().any() and lse.isfinite().all()
+    # the sink really takes weight: without it the output differs
+    plain, _ = flash_attention_forward(
+        q, k, v, mask, scale=1.0 / math.sqrt(D), window_left=window[0], window_right=window[1]
+    )
+    assert not torch.allclose(out.float().nan_to_num(), plain.float().nan_to_num())
+
+
+@pytest.mark.parametrize("fill", [-math.inf, FP32_MIN], ids=["neg-inf", "finfo-min"])
+@pytest.mark.parametrize("kind", ["bool", "add-neg-inf", "add-finfo-min"])
+def test_sinks_empty_rows_are_zero(kind, fill, device):
+    # rule 8: a row with nothing kept is 0 (the sink takes all the weight) and its lse is the sink,
+    # whatever the fill: rule 6 (mean of v) does not apply with sinks
+    B, Hq, Sq, Sk = 2, 4, 17, 33
+    q, k, v = _qkv(B, Hq, 2, Sq, Sk, 32, FP32, device)
+    keep = _mask_with_empty_rows(B, Sq, Sk, device)
+    if kind == "bool":
+        mask = keep
+    else:
+        masked = float("-inf") if kind == "add-neg-inf" else FP32_MIN
+        mask = torch.zeros(keep.shape, device=device).masked_fill(~keep, masked)
+    sinks = torch.tensor([0.5, -1.0, 3.0, -20.0], device=device)
+    out, lse, _, _ = _check(q, k, v, mask, mask_fill=fill, sinks=sinks)
+    for b, i in [(0, 0), (0, 5), (1, Sq - 1)]:
+        assert torch.equal(out[b, :, i], torch.zeros_like(out[b, :, i]))
+        if kind != "add-finfo-min":  # finfo.min scores still add exp(finfo.min - sink) = 0 to the sum
+            assert torch.equal(lse[b, :, i], sinks)
+    assert not out.isnan().any()
+
+
+def test_sinks_with_structure_empty_rows(device):
+    # window_right = -1: row 0 has no key at all; the finite fill must not turn it into the mean of v
+    q, k, v = _qkv(1, 2, 1, 40, 21, 64, BF16, device)
+    sinks = torch.tensor([0.0, 1.0], device=device, dtype=BF16)
+    out, lse, _, _ = _check(q, k, v, window_left=7, window_right=-1, mask_fill=FP32_MIN, sinks=sinks)
+    assert torch.equal(out[0, :, 0].float(), torch.zeros(2, 64))
+    torch.testing.assert_close(lse[0, :, 0], sinks.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sink_dtype", [FP16, BF16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_sinks_dtype_and_strides(sink_dtype, device):
+    # any float dtype; a strided view (every other element of a longer tensor)
+    q, k, v = _qkv(1, 4, 2, 17, 33, 32, FP32, device)
+    sinks = torch.randn(8, device=device).to(sink_dtype)[::2]
+    assert sinks.stride(0) == 2
+    _check(q, k, v, sinks=sinks, softcap=5.0, window_right=0)
+
+
+def test_softcap_with_sinks_and_additive_mask(device):
+    q, k, v = _qkv(1, 4, 2, 33, 47, 64, FP16, device)
+    mask = _random_mask((33, 47), "add-fp16", device)
+    _check(q, k, v, mask, scale=0.5, softcap=15.0, window_left=7, window_right=0, sinks=_sinks(4, FP32, device))
+
+
+def test_neg_inf_sink_is_no_sink(device):
+    q, k, v = _qkv(2, 2, 1, 17, 33, 32, FP32, device)
+    keep = _mask_with_empty_rows(2, 17, 33, device)
+    sinks = torch.full((2,), float("-inf"), device=device)
+    out, lse = flash_attention_forward(q, k, v, keep, scale=0.2, sinks=sinks)
+    ref, ref_lse = flash_attention_forward(q, k, v, keep, scale=0.2)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(lse, ref_lse)
+
+
+# ----------------------------------------------------------------------------------------------
 # argument validation
 # ----------------------------------------------------------------------------------------------
 
@@ -410,6 +502,10 @@ BAD_ARGS = {
     "mask-fill-pos-inf": ({"mask_fill": math.inf}, r"mask_fill"),
     "softcap-negative": ({"softcap": -1.0}, r"softcap: expected a finite float >= 0"),
     "q-not-tensor": ({"q": None}, r"q: expected a torch.Tensor"),
+    "sinks-shape": ({"sinks": torch.zeros(3)}, r"sinks: expected shape \[Hq\] = \[2\], got \(3,\)"),
+    "sinks-2d": ({"sinks": torch.zeros(1, 2)}, r"sinks: expected shape \[Hq\]"),
+    "sinks-int": ({"sinks": torch.zeros(2, dtype=torch.int64)}, r"sinks dtype: expected a float dtype"),
+    "sinks-list": ({"sinks": [0.0, 0.0]}, r"sinks: expected a torch.Tensor or None"),
 }
 
 
