@@ -28,6 +28,7 @@ __all__ = ["attention", "validate_attention_args", "SUPPORTED_DTYPES", "MIN_HEAD
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 SUPPORTED_DEVICES = ("cuda", "cpu")
+KERNEL_HAS_SINKS = True  # the forward kernel takes `sinks` (the report says which path a site runs)
 
 
 def _interpreting() -> bool:
@@ -128,14 +129,13 @@ def _attention(
     _validate_sinks(q, sinks)
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if _use_kernel(q) and sinks is None:
+    if _use_kernel(q):
         from flashfuse.kernels.flash_fwd import flash_attention_forward
 
         return flash_attention_forward(
             q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-            mask_fill=mask_fill, softcap=softcap,
+            mask_fill=mask_fill, softcap=softcap, sinks=sinks,
         )
-    # NOTE: sinks run the reference until the kernel has them
     out, lse = testing.attention_ref(
         q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
         mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
