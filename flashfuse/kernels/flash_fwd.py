@@ -113,6 +113,29 @@ def _tanh(x):
 
 
 @triton.jit
+def _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of the query rows ``[start_m, start_m + BLOCK_M)``: ``(lo, full_lo, full_hi, hi)``.
+
+    NOTE: all bounds are multiples of BLOCK_N (except ``hi``), and every integer division has non-negative
+    operands: Triton's // truncates on the GPU but floors in the interpreter. Rows i in [start_m, m_last]
+    keep keys j with -window_left <= j - i <= window_right.
+      lo .. hi       blocks touching the window of some row (everything else is skipped);
+      lo .. full_lo  EDGE: left window edge; full_lo .. full_hi  inside for every row: no test;
+      full_hi .. hi  EDGE: right window edge (the causal diagonal) and the ragged end of the keys.
+    Unbounded windows arrive as window_left = Sq, window_right = Sk (the launcher clamps).
+    """
+    m_last = tl.minimum(start_m + BLOCK_M, Sq) - 1
+    lo = (tl.maximum(start_m - window_left, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(Sk, m_last + window_right + 1)
+    full_lo = tl.maximum(lo, ((tl.maximum(m_last - window_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_hi = (tl.maximum(tl.minimum(start_m + window_right + 1, Sk), 0) // BLOCK_N) * BLOCK_N
+    has_full = full_hi >= full_lo
+    full_lo = tl.where(has_full, full_lo, lo)
+    full_hi = tl.where(has_full, full_hi, lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_head, V_head, Mask_rows,
@@ -335,21 +358,8 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # NOTE: key blocks of this row block, in three phases (all bounds multiples of BLOCK_N, and every
-    # integer division on non-negative operands: Triton's // truncates on the GPU but floors in the
-    # interpreter). Rows i in [start_m, m_last] keep keys j with -window_left <= j - i <= window_right.
-    #   lo .. hi      blocks touching the window of some row (everything else is skipped);
-    #   lo .. full_lo  EDGE: left window edge; full_lo .. full_hi  inside for every row: no test;
-    #   full_hi .. hi  EDGE: right window edge (the causal diagonal) and the ragged end of the keys.
-    # Unbounded windows arrive as window_left = Sq, window_right = Sk (the launcher clamps).
-    m_last = tl.minimum(start_m + BLOCK_M, Sq) - 1
-    lo = (tl.maximum(start_m - window_left, 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(Sk, m_last + window_right + 1)
-    full_lo = tl.maximum(lo, ((tl.maximum(m_last - window_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
-    full_hi = (tl.maximum(tl.minimum(start_m + window_right + 1, Sk), 0) // BLOCK_N) * BLOCK_N
-    has_full = full_hi >= full_lo
-    full_lo = tl.where(has_full, full_lo, lo)
-    full_hi = tl.where(has_full, full_hi, lo)
+    # key blocks of this row block in three phases: left edge, inside (no elementwise test), right edge
+    lo, full_lo, full_hi, hi = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
 
     # fmt: off
     acc, l_i, m_i = _attn_fwd_inner(
