@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -161,10 +162,12 @@ def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, 
     return out, lse
 
 
-# NOTE: the backward is a reference implementation (recompute P in float32, the standard
-# dS = P * (dP - rowsum(dO * O)) identity); the Triton backward kernels replace it in the training issue.
-# It returns a gradient for an additive mask (a trainable bias, T5's position bias) and for sinks; an
-# empty tensor stands for "no gradient" (custom ops cannot return None).
+# NOTE: the backward runs the Triton backward kernels (flashfuse/kernels/flash_bwd.py) where the forward
+# runs the kernel, else the float32 reference (the dS = P * (dP - rowsum(dO * O)) identity). If the kernel
+# fails to compile or launch (an untested GPU/Triton combination), the reference takes over with one warning:
+# training must never break because of the fast path. It returns a gradient for an additive mask (a
+# trainable bias, T5's position bias) when `need_dmask`, and for sinks; an empty tensor stands for "no
+# gradient" (custom ops cannot return None). Gradients keep the strides of q, k, v (as the fake says).
 @torch.library.custom_op("flashfuse::attention_backward", mutates_args=())
 def _attention_backward(
     grad_out: torch.Tensor,
@@ -180,24 +183,63 @@ def _attention_backward(
     mask_fill: float,
     softcap: float,
     sinks: Optional[torch.Tensor] = None,
+    need_dmask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv, dmask, dsinks = testing.attention_backward_ref(
-        grad_out, q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-        mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
-    )
-    dmask = dmask.contiguous() if dmask is not None else q.new_empty(0)
-    dsinks = dsinks.contiguous() if dsinks is not None else q.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask, dsinks
+    grads = None
+    if _use_kernel(q):
+        grads = _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
+                                 softcap, sinks, need_dmask)
+    if grads is None:
+        grads = testing.attention_backward_ref(
+            grad_out, q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+            mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
+        )
+    dq, dk, dv, dmask, dsinks = grads
+    dq, dk, dv = (_like(g, t) for g, t in ((dq, q), (dk, k), (dv, v)))
+    dmask = _like(dmask, mask) if dmask is not None and need_dmask else q.new_empty(0)
+    dsinks = _like(dsinks, sinks) if dsinks is not None else q.new_empty(0)
+    return dq, dk, dv, dmask, dsinks
+
+
+def _like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``t``'s dtype and strides (what the fake implementation promises)."""
+    if grad.dtype == t.dtype and grad.stride() == t.stride():
+        return grad
+    return torch.empty_like(t).copy_(grad)
+
+
+_BACKWARD_KERNEL_FAILED: list[str] = []
+
+
+def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill, softcap, sinks,
+                     need_dmask):
+    if _BACKWARD_KERNEL_FAILED:
+        return None
+    try:
+        from flashfuse.kernels.flash_bwd import flash_attention_backward
+
+        return flash_attention_backward(
+            grad_out, q, k, v, mask, out, lse, scale=scale, window_left=window_left, window_right=window_right,
+            mask_fill=mask_fill, softcap=softcap, sinks=sinks, need_dmask=need_dmask,
+        )
+    except ValueError:
+        raise
+    except Exception as exc:  # compile/launch failure: the reference is slower but right
+        _BACKWARD_KERNEL_FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"flashfuse: the Triton backward kernel failed ({type(exc).__name__}: {exc}); "
+                      "using the reference backward from now on", RuntimeWarning, stacklevel=2)
+        return None
 
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
-                             softcap, sinks=None):
-    dmask = mask.new_empty(mask.shape) if mask is not None and mask.dtype != torch.bool else q.new_empty(0)
-    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+                             softcap, sinks=None, need_dmask=True):
+    has_dmask = mask is not None and mask.dtype != torch.bool and need_dmask
+    dmask = torch.empty_like(mask) if has_dmask else q.new_empty(0)
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask, dsinks
 
 
@@ -207,13 +249,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse, sinks)
     ctx.params = (scale, window_left, window_right, mask_fill, softcap)
+    ctx.need_dmask = mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, out, lse, sinks = ctx.saved_tensors
     dq, dk, dv, dmask, dsinks = torch.ops.flashfuse.attention_backward(
-        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks)
-    dmask = dmask if mask is not None and mask.dtype != torch.bool else None
+        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask)
+    dmask = dmask if ctx.need_dmask else None
     dsinks = dsinks if sinks is not None else None
     return dq, dk, dv, dmask, None, None, None, None, None, dsinks
 
