@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import os
 import sys
@@ -14,6 +13,10 @@ import time
 import traceback
 
 import torch
+
+# as in tests/conftest.py: on the CPU the kernel runs under the Triton interpreter (the report's "kernel" flag)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import flashfuse
 from tests.models import zoo
@@ -128,9 +131,10 @@ def render(no_grad_path, grad_path):
     order = [*zoo.BUILDERS, *other_zoo.OTHER]
     runs = {}
     for grad, path in (("nograd", no_grad_path), ("grad", grad_path)):
-        for line in open(path):
-            r = json.loads(line)
-            runs[(grad, r["model"], r["scenario"])] = r
+        with open(path) as lines:
+            for line in lines:
+                r = json.loads(line)
+                runs[(grad, r["model"], r["scenario"])] = r
     out = ["| model | forward | padded | decode (q_len=1) | decode + padded | sites left alone: reason (verbatim) |",
            "|---|---|---|---|---|---|"]
     for m in order:
@@ -179,6 +183,12 @@ def _short_flags(f):
         parts.append(f"gqa={f['gqa_groups']}")
     if f.get("softcap"):
         parts.append(f"softcap={f['softcap']:g}")
+    if f.get("sinks"):
+        parts.append("sinks")
+    if f.get("bias_grad"):
+        parts.append("bias_grad")
+    if f.get("kernel") and not str(f["kernel"]).startswith("flash_fwd"):
+        parts.append(f"kernel: {f['kernel']}")
     sc = f.get("scale")
     parts.append(f"scale={sc:.4g}" if isinstance(sc, float) else f"scale={sc}")
     return " ".join(parts)

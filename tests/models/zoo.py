@@ -1,19 +1,16 @@
 """Tiny random-weight models for the conformance suite: configs only, nothing downloaded.
 
-Every builder returns a ``Case``: the model (eval mode, float32, eager attention) plus how to feed it.
-Shapes are tiny on purpose: on the CPU the fused kernel runs under the Triton interpreter.
+``build(name)`` returns ``(model, kind)``: the model in eval mode, float32, eager attention, 2 layers, hidden 64,
+4 heads of 16; ``kind`` says how to feed it (``forward``, ``prefill``/``step_fn`` below). Shapes are tiny on
+purpose: on the CPU the fused kernel runs under the Triton interpreter.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import math
-from typing import Any, Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 B = 2          # batch
 S = 16         # prompt length (Mistral/Gemma windows are 8: smaller than the sequence)
@@ -22,26 +19,11 @@ PAD = 3        # left padding of row 0 in the padded batch
 WINDOW = 8
 
 
-@dataclasses.dataclass
-class Case:
-    name: str
-    model: nn.Module
-    kind: str  # "causal_lm", "encoder", "vision", "seq2seq", "whisper", "clip"
-    decode: bool = True  # a KV-cache decode step makes sense
-    padding: bool = True  # a padding mask makes sense
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
 def _common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=64)
+    base = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64}
     base.update(kw)
     return base
-
-
-def _finish(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    return model.float().eval()
 
 
 def _eager(config):
@@ -95,7 +77,8 @@ def phi3():
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
     return GPT2LMHeadModel(_eager(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                             scale_attn_by_inverse_layer_idx=True)))
+                                             scale_attn_by_inverse_layer_idx=True, bos_token_id=1,
+                                             eos_token_id=2)))
 
 
 def gpt_neox():
@@ -106,7 +89,8 @@ def gpt_neox():
 def gpt_bigcode():
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
     return GPTBigCodeForCausalLM(_eager(GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                         n_positions=64, multi_query=True)))
+                                                         n_positions=64, multi_query=True, bos_token_id=1,
+                                                         eos_token_id=2)))
 
 
 def opt():
@@ -171,20 +155,21 @@ def vit():
 def clip():
     from transformers import CLIPConfig, CLIPModel
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=16, patch_size=4),
+        text_config={"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1,
+                     "eos_token_id": 2},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 16, "patch_size": 4},
         projection_dim=32)
     return CLIPModel(_eager(cfg))
 
 
 def gpt2_upcast():
-    """GPT-2 with ``reorder_and_upcast_attn``: scores through ``torch.baddbmm`` in float32 under autocast-off."""
+    """GPT-2 with ``reorder_and_upcast_attn``: scores through ``torch.baddbmm`` on ``[B*H, Sq, Sk]`` in float32."""
     from transformers import GPT2Config, GPT2LMHeadModel
     return GPT2LMHeadModel(_eager(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                             scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)))
+                                             scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True,
+                                             bos_token_id=1, eos_token_id=2)))
 
 
 def falcon_new():
@@ -232,9 +217,7 @@ BUILDERS: dict[str, tuple[Callable[[], nn.Module], str]] = {
 def build(name: str) -> tuple[nn.Module, str]:
     fn, kind = BUILDERS[name]
     torch.manual_seed(0)
-    model = fn().float().eval()
-    # random init is small; make logits O(1..10) so comparisons are meaningful
-    return model, kind
+    return fn().float().eval(), kind
 
 
 # -- inputs ------------------------------------------------------------------------------------------
@@ -315,19 +298,19 @@ def prefill(model, kind: str, *, padded: bool):
         if kind == "causal_lm":
             mask = left_padded_mask() if padded else None
             out = model(input_ids=input_ids(), attention_mask=mask, use_cache=True)
-            return out.past_key_values, out.logits[:, -1:].argmax(-1), grow(kind, mask), None
+            return out.cache, out.logits[:, -1:].argmax(-1), grow(kind, mask), None
         if kind == "seq2seq":
             mask = right_padded_mask() if padded else None
             enc = model.get_encoder()(input_ids=input_ids(), attention_mask=mask).last_hidden_state
             out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=input_ids(seq=12),
                         use_cache=True)
-            return out.past_key_values, out.logits[:, -1:].argmax(-1), mask, enc
+            return out.cache, out.logits[:, -1:].argmax(-1), mask, enc
         if kind == "whisper":
             dmask = left_padded_mask(seq=12) if padded else None
             enc = model.get_encoder()(input_features=mel()).last_hidden_state
             out = model(encoder_outputs=(enc,), decoder_input_ids=input_ids(seq=12), decoder_attention_mask=dmask,
                         use_cache=True)
-            return out.past_key_values, out.logits[:, -1:].argmax(-1), grow(kind, dmask), enc
+            return out.cache, out.logits[:, -1:].argmax(-1), grow(kind, dmask), enc
     raise ValueError(kind)
 
 
@@ -341,15 +324,15 @@ def grow(kind: str, mask):
 def step_fn(model, kind: str):
     """``fn(ids, mask, cache, enc) -> logits`` for one decode step; mutates ``cache`` (pass a copy)."""
     if kind == "causal_lm":
-        return lambda ids, mask, cache, enc: model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+        return lambda ids, mask, cache, enc: model(input_ids=ids, attention_mask=mask, cache=cache,
                                                    use_cache=True).logits
     if kind == "seq2seq":
         return lambda ids, mask, cache, enc: model(encoder_outputs=(enc,), attention_mask=mask,
-                                                   decoder_input_ids=ids, past_key_values=cache,
+                                                   decoder_input_ids=ids, cache=cache,
                                                    use_cache=True).logits
     if kind == "whisper":
         return lambda ids, mask, cache, enc: model(encoder_outputs=(enc,), decoder_input_ids=ids,
-                                                   decoder_attention_mask=mask, past_key_values=cache,
+                                                   decoder_attention_mask=mask, cache=cache,
                                                    use_cache=True).logits
     raise ValueError(kind)
 
