@@ -152,7 +152,7 @@ class _SiteFinder:
                 continue
             if _is(u, F.dropout):
                 p, training = u.args[1], u.args[2]
-                if not isinstance(training, bool) or not is_scalar(p):
+                if not isinstance(training, bool) or (training and not is_scalar(p)):
                     raise _Refuse("dropout whose probability or training flag is not a constant")
                 if training and p > 0:
                     raise _Refuse(f"dropout in training mode (p={p}) on the attention weights is not supported yet",
@@ -179,7 +179,7 @@ class _SiteFinder:
 
         # up: scores chain to matmul(q, kᵀ)
         scale, softcap = 1.0, 0.0
-        sym_factors: list = []  # symbolic scale factors (dynamic head dim): must multiply to 1/sqrt(D)
+        sym_factors: list = []  # symbolic scale factors (expr, SymFloat/SymInt, is_divisor)
         band = Band(None, None)
         fills: list[float] = []
         masks: list[MaskTerm] = []
@@ -242,8 +242,7 @@ class _SiteFinder:
                 cur = cur.args[0]
                 continue
             if (_is(cur, torch.mul) or _is(cur, torch.div)) and _symbolic_number(cur.args[1]) is not None:
-                factor = _symbolic_number(cur.args[1])
-                sym_factors.append(factor if _is(cur, torch.mul) else 1 / factor)
+                sym_factors.append((_symbolic_number(cur.args[1]), val(cur.args[1]), _is(cur, torch.div)))
                 chain.append(cur)
                 cur = cur.args[0]
                 continue
@@ -501,8 +500,7 @@ class _SiteFinder:
                 node = node.args[0]
             elif ((_is(node, torch.mul) or _is(node, torch.div)) and len(node.users) == 1
                   and _symbolic_number(node.args[1]) is not None):
-                factor = _symbolic_number(node.args[1])
-                sym_factors.append(factor if _is(node, torch.mul) else 1 / factor)
+                sym_factors.append((_symbolic_number(node.args[1]), val(node.args[1]), _is(node, torch.div)))
                 nodes.append(node)
                 node = node.args[0]
             elif _is_method(node, "contiguous") and len(node.users) == 1:
@@ -667,15 +665,26 @@ def _symbolic_number(node):
 
 
 def _default_scale_or_refuse(factors: list, scale: float, head_dim) -> float | None:
-    """Symbolic factors are accepted only when they multiply to ``1/sqrt(head_dim)``: the op's default scale."""
+    """The scale from symbolic factors: ``None`` (the op's ``1/sqrt(head_dim)``) when they are proven to multiply
+    to that; else each factor is specialised to its value at compile time (``float()`` on a SymFloat installs a
+    guard, so Dynamo recompiles if it ever changes: ``dynamic=True`` lifts ``self.scaling`` to a graph input)."""
     import sympy
 
-    product = sympy.Mul(*factors)
+    product = sympy.Mul(*[1 / e if inv else e for e, _, inv in factors])
     d = head_dim.node.expr if isinstance(head_dim, torch.SymInt) else sympy.Integer(head_dim)
-    if sympy.simplify(product * sympy.sqrt(d) - 1) == 0 and scale == 1.0:
-        return None
-    raise _Refuse("the scale is not a constant (it is computed at run time)",
-                  hint="compute the scale from static sizes, e.g. head_dim ** -0.5 with a Python int")
+    try:
+        if sympy.simplify(product * sympy.sqrt(d) - 1) == 0 and scale == 1.0:
+            return None
+    except Exception:  # sympy cannot decide: fall through to specialisation
+        pass
+    try:
+        for _, value, inv in factors:
+            number = float(value)  # guards on the value (a recompile if it changes)
+            scale = scale / number if inv else scale * number
+    except Exception:
+        raise _Refuse("the scale is not a constant (it is computed at run time from data)",
+                      hint="compute the scale from sizes or Python numbers, e.g. head_dim ** -0.5") from None
+    return scale
 
 
 def _is_unsqueeze_2(node) -> bool:
