@@ -443,14 +443,6 @@ def test_naive_attention_through_inductor(case):
 
 
 # -- known gaps, pinned so that a fix shows up as XPASS ------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "matcher: with Sq == 1 (a decode step) or Sk == 1 the mask analyzer gives the size-1 dim index 0 "
-        "(masks.py `_make`), so the keep-predicate has no query (key) index, `_bounds` refuses it, and the causal "
-        "structure reaches the kernel as a data mask tensor. The output is still correct; only the flags are lost."
-    ),
-)
 @pytest.mark.parametrize("Sq,Sk", [(1, 8), (8, 1)])
 def test_causal_structure_with_one_query_or_key_becomes_flags(Sq, Sk):
     def decode_step(q, k, v):  # bottom-right causal, as with a KV cache: query i sees keys j <= i + Sk - Sq

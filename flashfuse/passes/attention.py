@@ -186,6 +186,11 @@ class _SiteFinder:
         seen_softcap = False
         self._in_mm_layout = False
         sinks = None
+        sq, sk = tensor_val(x).shape[-2:]
+        if sink_slice is not None:
+            sk = sk - 1
+        # one query row (a decode step) or one key: the band is then a bound on j (or i) alone
+        self._unit_lengths = (_static_one(sq), _static_one(sk))
         cur = x
         while True:
             if sink_slice is not None and sinks is None:
@@ -437,7 +442,7 @@ class _SiteFinder:
             import sympy
 
             keep = sym if keep_is_true else type(sym)(sympy.Not(sym.expr), sym.dims, sym.sizes, sym.rules)
-            band = band_of_keep(keep, self._scores_rank)
+            band = band_of_keep(keep, self._scores_rank, *self._unit_lengths)
             if band is not None:
                 self._pending_band = band
                 self._atoms_to_masks(band, masks)
@@ -462,7 +467,7 @@ class _SiteFinder:
             raise _Refuse(f"a bias of shape {tuple(bv.shape)} that broadcasts the scores {tuple(scores_shape)} larger")
         sym = self.masks.evaluate(bias)
         if sym is not None:
-            found = band_of_bias(sym, self._scores_rank, FILL_THRESHOLD)
+            found = band_of_bias(sym, self._scores_rank, FILL_THRESHOLD, *self._unit_lengths)
             if found is not None:
                 band, fill = found
                 self._pending_band = band
@@ -551,6 +556,10 @@ class _SiteFinder:
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _static_one(n) -> bool:
+    return not isinstance(n, torch.SymInt) and n == 1
 
 
 def _looks_like_attention(sm: fx.Node) -> bool:

@@ -506,19 +506,30 @@ def _align(sym: Sym, scores_rank: int):
     return expr.subs(subs) if hasattr(expr, "subs") else expr
 
 
-def band_of_keep(keep: Sym, scores_rank: int) -> Band | None:
+def _in_d(expr, q_one: bool, k_one: bool):
+    """Rewrite in ``d = j - i``. With one query row (a decode step) ``i = 0``; with one key ``j = 0``."""
+    expr = expr.subs(J, I + D)
+    if q_one:
+        expr = expr.subs(I, 0)
+    elif k_one:
+        expr = expr.subs(I, -D)
+    return expr
+
+
+def band_of_keep(keep: Sym, scores_rank: int, q_one: bool = False, k_one: bool = False) -> Band | None:
     """The band of a boolean keep-predicate, or None if it is not a band."""
     expr = _align(keep, scores_rank)
     if expr is None:
         return None
-    expr = sympy.simplify_logic(expr.subs(J, I + D)) if expr not in (sympy.true, sympy.false) else expr
+    expr = _in_d(expr, q_one, k_one)
+    expr = sympy.simplify_logic(expr) if expr not in (sympy.true, sympy.false) else expr
     bounds = _bounds(expr)
     if bounds is None:
         return None
     return Band(bounds[0], bounds[1], keep.rules, bounds[2])
 
 
-def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float):
+def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float, q_one: bool = False, k_one: bool = False):
     """``(Band, fill)`` if an additive bias is 0 inside a band and one fill value (<= threshold) outside."""
     expr = _align(bias, scores_rank)
     if expr is None:
@@ -538,7 +549,7 @@ def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float):
     fill = float(fill)
     if not fill <= fill_threshold:
         return None
-    keep_expr = zero[0].subs(J, I + D)
+    keep_expr = _in_d(zero[0], q_one, k_one)
     if keep_expr not in (sympy.true, sympy.false):
         keep_expr = sympy.simplify_logic(keep_expr)
     bounds = _bounds(keep_expr)

@@ -31,9 +31,6 @@ def test_forward(name):
         check_forward(fn, args, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=NotAllRewritten,
-                   reason="dynamic=True: Dropout.p is lifted into a graph input (`dropout(softmax, p.item(), False, "
-                          "False)`): dropout whose probability or training flag is not a constant, even in eval mode")
 def test_nanogpt_dynamic_true():
     fn, args = _case("nanogpt")
     with torch.no_grad():
