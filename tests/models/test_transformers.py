@@ -132,3 +132,55 @@ def test_forward_dynamic_true(name):
     fn, args = zoo.forward(model, kind, padded=False)
     with torch.no_grad():
         check_forward(fn, args, DEFAULT_SITES[0], dynamic=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_chunked_prefill_against_a_kv_cache(name):
+    """A prompt fed in two chunks: the second chunk (Sq = 8) attends to a cache of Sk = 16 (bottom-right causal)."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from flashfuse import report as _report
+    from tests.models.conformance import assert_all_rewritten, assert_close
+
+    model, _ = _model(name)
+    ids = torch.randint(1, model.config.vocab_size, (2, 16))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+    cache_c = copy.deepcopy(cache)
+
+    def chunk(x, c):
+        return model(input_ids=x, past_key_values=c, use_cache=True).logits
+
+    torch._dynamo.reset()
+    mark = _report.collect()
+    with torch.no_grad():
+        out = torch.compile(chunk, backend="flashfuse", options={"inductor": False})(ids[:, 8:], cache_c)
+        ref = chunk(ids[:, 8:], cache)
+    assert_close(out, ref, "second chunk")
+    report = _report.last_report(since=mark)
+    assert_all_rewritten(report, DEFAULT_SITES[0] * len(report.graphs))
+
+
+def test_five_lengths_compile_at_most_twice_and_stay_rewritten():
+    from flashfuse import report as _report
+    from tests.models.conformance import assert_close
+
+    model, _ = _model("llama")
+
+    def fwd(ids):
+        return model(input_ids=ids).logits
+
+    torch._dynamo.reset()
+    mark = _report.collect()
+    compiled = torch.compile(fwd, backend="flashfuse", options={"inductor": False})
+    with torch.no_grad():
+        for length in (9, 13, 17, 24, 31):
+            ids = torch.randint(1, model.config.vocab_size, (2, length))
+            assert_close(compiled(ids), fwd(ids), f"length {length}")
+    report = _report.last_report(since=mark)
+    assert len(report.graphs) <= 2, str(report)
+    assert report.total == report.rewritten == DEFAULT_SITES[0] * len(report.graphs), str(report)
+    assert all(site.flags["causal"] for site in report.sites)
