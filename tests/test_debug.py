@@ -13,8 +13,6 @@ import textwrap
 import pytest
 import torch
 
-import flashfuse
-from flashfuse import report as _report
 from tests.helpers import compile_and_report, qkv
 
 

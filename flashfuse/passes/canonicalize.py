@@ -35,7 +35,6 @@ from flashfuse.passes.graph_utils import (
     is_scalar,
     normalize_dim,
     rank,
-    set_val,
     tensor_val,
     val,
 )

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.canonicalize import to_dtype
-from flashfuse.passes.graph_utils import get_arg, shape, tensor_val, val
+from flashfuse.passes.graph_utils import get_arg, val
 
 __all__ = ["Sym", "MaskAnalyzer", "Band", "band_of_keep", "band_of_bias"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.models import other_zoo, zoo
-from tests.models.conformance import NotAllRewritten, check_forward
+from tests.models.conformance import check_forward
 
 
 def _case(name):
