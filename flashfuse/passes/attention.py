@@ -74,6 +74,8 @@ class AttentionSite:
     dropout: float | None
     flags: dict[str, Any]
     sinks: fx.Node | None = None  # [1, Hq, 1, 1] per-head sink logits (GPT-OSS), reshaped to [Hq] for the op
+    #: window_left / window_right: None, an int, or (a, b, c) meaning a*Sk + b*Sq + c (symbolic sizes)
+    windows: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -388,10 +390,13 @@ class _SiteFinder:
             raise _Refuse(f"mask fill value {mask_fill} is not large and negative: masked positions would still "
                           "contribute to the softmax", hint="fill with float('-inf') or torch.finfo(dtype).min")
 
+        windows = {}
+        for name, value in (("window_left", None if band.lo is None else -band.lo), ("window_right", band.hi)):
+            windows[name] = value if value is None or isinstance(value, int) else _size_linear(value, sv, vv)
         flags = {
             "causal": band.hi == 0 and band.lo is None,
-            "window_left": None if band.lo is None else -band.lo,
-            "window_right": band.hi,
+            "window_left": _describe_window(windows["window_left"]),
+            "window_right": _describe_window(windows["window_right"]),
             "gqa_groups": groups,
             "mask": _mask_label(masks),
             "mask_fill": mask_fill,
@@ -408,7 +413,7 @@ class _SiteFinder:
         return AttentionSite(
             softmax=sm, pv=pv, q=q, k=k, v=v, k_transposed=k_transposed, gqa_groups=groups, scale=scale,
             softcap=softcap, band=band, mask_fill=mask_fill, masks=masks, score_rank=r, chain=chain,
-            reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v, sinks=sinks,
+            reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v, sinks=sinks, windows=windows,
             source=source, dropout=dropout_p, flags=flags,
         )
 
@@ -556,6 +561,30 @@ class _SiteFinder:
                 self._current_rank = rank(node.args[0]) or 0
                 results.append(self.analyse(node))
         return results
+
+
+def _size_linear(expr, sv, vv):
+    """``expr`` (sympy, of sizes) as ``a*Sk + b*Sq + c`` with small integer a, b; else refuse."""
+    import sympy
+
+    sq, sk = sv.shape[-2], vv.shape[-2]
+    sq_e = sq.node.expr if isinstance(sq, torch.SymInt) else sympy.Integer(sq)
+    sk_e = sk.node.expr if isinstance(sk, torch.SymInt) else sympy.Integer(sk)
+    for a, b in ((1, -1), (1, 0), (0, 1), (-1, 1), (0, -1), (-1, 0), (0, 0)):
+        rest = sympy.simplify(expr - (a * sk_e + b * sq_e))
+        if rest.is_number and rest.is_integer:
+            return (a, b, int(rest))
+    raise _Refuse(f"a band bound {expr} that is not a simple function of the sequence lengths")
+
+
+def _describe_window(w):
+    if w is None or isinstance(w, int):
+        return w
+    a, b, c = w
+    terms = [f"{'' if a == 1 else '-' if a == -1 else a}Sk" if a else "",
+             f"{'+' if b > 0 else '-'}{'' if abs(b) == 1 else abs(b)}Sq" if b else "",
+             f"{c:+d}" if c else ""]
+    return "".join(terms).lstrip("+") or "0"
 
 
 def _static_one(n) -> bool:

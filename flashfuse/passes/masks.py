@@ -482,11 +482,39 @@ class Band:
 
 
 def _max_opt(a, b):
-    return b if a is None else a if b is None else max(a, b)
+    return b if a is None else a if b is None else _pick(a, b, larger=True)
 
 
 def _min_opt(a, b):
-    return b if a is None else a if b is None else min(a, b)
+    return b if a is None else a if b is None else _pick(a, b, larger=False)
+
+
+def _pick(a, b, *, larger: bool):
+    """max/min of two bounds that may be symbolic (sizes): decided by the sign of ``a - b``, else NotStructure."""
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b) if larger else min(a, b)
+    diff = sympy.simplify(sympy.sympify(a) - sympy.sympify(b))
+    if diff.is_nonnegative:
+        return a if larger else b
+    if diff.is_nonpositive:
+        return b if larger else a
+    raise NotStructure(f"cannot order the band bounds {a} and {b}")
+
+
+def _linear_in_sizes(expr) -> bool:
+    """``a*s0 + b*s1 + c`` with integer coefficients over plain size symbols (no Max/Min/floor, no data)."""
+    if expr.atoms(sympy.Function) or any(isinstance(a, _Atom) or a in (I, J, D) for a in expr.free_symbols):
+        return False
+    try:
+        poly = sympy.Poly(expr, *sorted(expr.free_symbols, key=str))
+    except sympy.PolynomialError:
+        return False
+    return poly.total_degree() <= 1 and all(c.is_integer for c in poly.coeffs())
+
+
+def _as_bound(x):
+    """A bound as an int when it is a number, else the sympy expression (of sizes)."""
+    return int(x) if getattr(x, "is_number", False) else x
 
 
 def _align(sym: Sym, scores_rank: int):
@@ -586,8 +614,10 @@ def _bounds(expr):
             return None
         coeff = e.coeff(D)
         rest = sympy.expand(e - coeff * D)
-        if coeff not in (1, -1) or D in rest.free_symbols or not rest.is_number:
+        if coeff not in (1, -1) or D in rest.free_symbols:
             return None
+        if not rest.is_number and not _linear_in_sizes(rest):
+            return None  # a symbolic offset must be a linear integer expression of sizes (a KV-cache length)
         # coeff*D + rest (rel) 0  ->  bounds on D
         bound = -rest / coeff
         rel = type(atom)
@@ -608,8 +638,11 @@ def _bounds(expr):
             new_hi = new_lo = bound
         else:
             return None
-        if new_hi is not None:
-            hi = int(new_hi) if hi is None else min(hi, int(new_hi))
-        if new_lo is not None:
-            lo = int(new_lo) if lo is None else max(lo, int(new_lo))
+        try:
+            if new_hi is not None:
+                hi = _min_opt(hi, _as_bound(new_hi))
+            if new_lo is not None:
+                lo = _max_opt(lo, _as_bound(new_lo))
+        except NotStructure:
+            return None
     return lo, hi, tuple(data)

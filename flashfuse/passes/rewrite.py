@@ -34,6 +34,26 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
     return size
 
 
+def _window(graph: fx.Graph, w, q: fx.Node, v: fx.Node, like: fx.Node):
+    """An int window as is; ``(a, b, c)`` = ``a*Sk + b*Sq + c`` built from size nodes (a SymInt argument)."""
+    if w is None or isinstance(w, int):
+        return w
+    a, b, c = w
+    total = c
+    for coeff, node in ((a, v), (b, q)):
+        if not coeff:
+            continue
+        size = _size(graph, node, -2, like)
+        if isinstance(size, int):
+            total = total + coeff * size if isinstance(total, int) else insert_call(
+                graph, operator.add, (total, coeff * size), like=like)
+            continue
+        term = size if coeff == 1 else insert_call(graph, operator.mul, (size, coeff), like=like)
+        total = term if isinstance(total, int) and total == 0 else insert_call(
+            graph, operator.add, (total, term), like=like)
+    return total
+
+
 def _shape_args(graph: fx.Graph, node: fx.Node, like: fx.Node) -> tuple:
     return tuple(_size(graph, node, i, like) for i in range(tensor_val(node).dim()))
 
@@ -109,8 +129,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
                 mask = insert_call(graph, torch.unsqueeze, (mask, 0), like=pv)
 
         band = site.band
-        window_left = None if band.lo is None else -band.lo
-        window_right = band.hi
+        window_left = _window(graph, site.windows.get("window_left", None if band.lo is None else -band.lo), q, v, pv)
+        window_right = _window(graph, site.windows.get("window_right", band.hi), q, v, pv)
         sinks = None
         if site.sinks is not None:
             sinks = insert_call(graph, torch.reshape, (site.sinks, (_size(graph, site.sinks, 1, pv),)), like=pv)

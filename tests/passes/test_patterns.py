@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flashfuse import report as _report
 from tests.helpers import assert_matches_eager, compile_and_report, only_site, qkv
 
 NEG_INF = float("-inf")
@@ -531,3 +532,22 @@ def test_router_softmax_is_not_a_candidate():
 
     _, rep = compile_and_report(fn, torch.randn(8, 16), torch.randn(16, 4))
     assert rep.total == 0
+
+
+def test_symbolic_kv_cache_offset_becomes_a_symbolic_window():
+    def fn(q, k, v):  # a chunk of Sq queries against Sk cached keys: query i sits at position i + Sk - Sq
+        Sq, Sk = q.shape[-2], k.shape[-2]
+        q_pos = torch.arange(Sq)[:, None] + (Sk - Sq)
+        keep = torch.arange(Sk)[None, :] <= q_pos
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+    torch._dynamo.reset()
+    mark = _report.collect()
+    compiled = torch.compile(fn, backend="flashfuse", dynamic=True, options={"inductor": False})
+    for sq, sk in ((5, 12), (3, 20)):
+        args = qkv(S=sq, Sk=sk)
+        assert_matches_eager(fn, args, compiled(*args))
+    rep = _report.last_report(since=mark)
+    assert len(rep.graphs) == 1 and rep.rewritten == 1, str(rep)
+    assert rep.sites[0].flags["window_right"] == "Sk-Sq" and rep.sites[0].flags["mask"] == "none"
