@@ -72,36 +72,13 @@ def attention_ref(
     """Return ``(out, lse)``; ``out`` in ``q.dtype`` (float64 if ``upcast``), ``lse`` float32."""
     out_dtype = torch.float64 if upcast else q.dtype
     work = torch.float64 if upcast else torch.float32
-    B, Hq, Sq, D = q.shape
+    Hq, D = q.shape[1], q.shape[-1]
     Sk = k.shape[-2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    qf, kf, vf = q.to(work), expand_kv(k.to(work), Hq), expand_kv(v.to(work), Hq)
-
-    s = torch.matmul(qf, kf.transpose(-2, -1)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    keep = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=q.device)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            keep = keep & mask
-        else:
-            s = s + mask.to(work)
-    struct = structure_keep(Sq, Sk, window_left, window_right, device=q.device)
-    if struct is not None:
-        keep = keep & struct
-    s = s.masked_fill(~keep, -math.inf)
-
-    m = s.amax(dim=-1, keepdim=True)
-    if sinks is not None:
-        sink = sinks.to(work).view(1, Hq, 1, 1)
-        m = torch.maximum(m, sink)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m_safe)
-    l = p.sum(dim=-1, keepdim=True)
-    if sinks is not None:
-        l = l + torch.exp(sink - m_safe)
-    out = torch.matmul(p, vf) / l  # 0/0 = NaN for rows with nothing kept
+    vf = expand_kv(v.to(work), Hq)
+    e, l, m, m_safe, _, _ = _exp_scores(q, k, mask, scale, window_left, window_right, softcap, sinks, work)
+    out = torch.matmul(e, vf) / l  # 0/0 = NaN for rows with nothing kept
     lse = (torch.log(l) + m_safe).squeeze(-1)
 
     if math.isfinite(mask_fill) and sinks is None:
@@ -113,8 +90,12 @@ def attention_ref(
     return out.to(out_dtype), lse.to(torch.float32)
 
 
-def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work, sinks=None):
-    """``(p, tanh_term, empty_rows, p_sink)`` as the forward computes them, in ``work`` precision."""
+def _exp_scores(q, k, mask, scale, window_left, window_right, softcap, sinks, work):
+    """The forward's shared steps 1-5 and 8: ``(e, l, m, m_safe, tanh_term, e_sink)``.
+
+    ``e = exp(s - m_safe)`` with masked positions at 0, ``l`` its row sum (the sink's term included), ``m`` the
+    row max of the kept scores (and the sink), ``m_safe`` the same with non-finite maxima replaced by 0.
+    """
     B, Hq, Sq, D = q.shape
     Sk = k.shape[-2]
     qf, kf = q.to(work), expand_kv(k.to(work), Hq)
@@ -138,14 +119,22 @@ def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, s
         sink = sinks.to(work).view(1, Hq, 1, 1)
         m = torch.maximum(m, sink)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m_safe)
-    l = p.sum(dim=-1, keepdim=True)
-    p_sink = None
+    e = torch.exp(s - m_safe)
+    l = e.sum(dim=-1, keepdim=True)
+    e_sink = None
     if sinks is not None:
         e_sink = torch.exp(sink - m_safe)
         l = l + e_sink
-        p_sink = (e_sink / l).squeeze(-1)
-    p = p / l
+    return e, l, m, m_safe, t, e_sink
+
+
+def _probabilities(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, work, sinks=None):
+    """``(p, tanh_term, empty_rows, p_sink)`` as the forward computes them, in ``work`` precision."""
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[-2]
+    e, l, m, _, t, e_sink = _exp_scores(q, k, mask, scale, window_left, window_right, softcap, sinks, work)
+    p_sink = None if e_sink is None else (e_sink / l).squeeze(-1)
+    p = e / l
     empty = torch.zeros(B, Hq, Sq, dtype=torch.bool, device=q.device)
     if math.isfinite(mask_fill) and sinks is None:
         empty = (l.squeeze(-1) == 0) | (m.squeeze(-1) <= mask_fill / 2)
