@@ -11,6 +11,15 @@ GPU an Inductor-visible ``triton_op`` is an option for the speed issue, to be me
 Dispatch inside the op: CUDA tensors -> the Triton kernel; CPU tensors -> the same Triton kernel under
 the interpreter when ``TRITON_INTERPRET=1``, else the float32 reference (``flashfuse.testing``), so a
 CPU user still gets correct output.
+
+NOTE: dropout. ``dropout_p > 0`` makes the forward draw ``rng_state = [seed, offset]`` (int64, on q's
+device, from torch's default generator there: ``torch.manual_seed`` reproduces it, activation checkpointing
+replays it) and return it as a third output; autograd saves it, and the backward regenerates the same
+keep-mask from it (in-kernel Philox; see ``flash_fwd._dropout_keep``). ``dropout_p == 0`` draws nothing
+(the generator does not advance) and returns ``[0, 0]``. The op is tagged ``nondeterministic_seeded`` so
+that AOTAutograd/Inductor neither CSE two calls nor move it across other random ops. The reference path
+(CPU without the interpreter) draws its mask with torch's RNG from the same seed
+(``testing.dropout_keep_mask``): same keep rate, a different mask from the kernels'.
 """
 
 from __future__ import annotations
@@ -113,7 +122,23 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
     return "reference (CPU, float32)"
 
 
-@torch.library.custom_op("flashfuse::attention", mutates_args=())
+def _check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")  # noqa: TRY004
+    if not 0.0 <= float(dropout_p) < 1.0:  # also NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _draw_rng_state(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """``[seed, offset]`` for the kernels' Philox: a fresh 63-bit seed from the default generator of q's device."""
+    if dropout_p == 0:
+        return torch.zeros(2, dtype=torch.int64, device=q.device)
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
+    return torch.cat([seed, seed.new_zeros(1)])
+
+
+@torch.library.custom_op("flashfuse::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,23 +150,36 @@ def _attention(
     mask_fill: float,
     softcap: float,
     sinks: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     validate_attention_args(q, k, v, mask, window_left, window_right)
     _validate_sinks(q, sinks)
+    dropout_p = _check_dropout_p(dropout_p)
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
+    rng_state = _draw_rng_state(q, dropout_p)
     if _use_kernel(q):
         from flashfuse.kernels.flash_fwd import flash_attention_forward
 
-        return flash_attention_forward(
+        out, lse = flash_attention_forward(
             q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-            mask_fill=mask_fill, softcap=softcap, sinks=sinks,
+            mask_fill=mask_fill, softcap=softcap, sinks=sinks, dropout_p=dropout_p, rng_state=rng_state,
         )
+        return out, lse, rng_state
     out, lse = testing.attention_ref(
         q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
         mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
+        dropout_p=dropout_p, dropout_mask=_reference_keep_mask(q, k, rng_state, dropout_p),
     )
-    return out.contiguous(), lse.contiguous()
+    return out.contiguous(), lse.contiguous(), rng_state
+
+
+def _reference_keep_mask(q, k, rng_state, dropout_p, *, kernel: bool = False):
+    """The keep-mask for the reference path (torch RNG), or the kernels' (``kernel=True``); None for p = 0."""
+    if dropout_p == 0:
+        return None
+    B, Hq, Sq, _ = q.shape
+    return testing.dropout_keep_mask(rng_state, B, Hq, Sq, k.shape[-2], dropout_p, kernel=kernel)
 
 
 def _validate_sinks(q: torch.Tensor, sinks) -> None:
@@ -155,11 +193,12 @@ def _validate_sinks(q: torch.Tensor, sinks) -> None:
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None):
+def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None, dropout_p=0.0):
+    _check_dropout_p(dropout_p)
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
-    return out, lse
+    return out, lse, q.new_empty((2,), dtype=torch.int64)
 
 
 # NOTE: the backward runs the Triton backward kernels (flashfuse/kernels/flash_bwd.py) where the forward
@@ -184,18 +223,26 @@ def _attention_backward(
     softcap: float,
     sinks: Optional[torch.Tensor] = None,
     need_dmask: bool = True,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
+    dropout_p = _check_dropout_p(dropout_p)
+    if dropout_p > 0 and rng_state is None:
+        raise ValueError("rng_state: the forward's rng_state (third output) is required when dropout_p > 0")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     grads = None
-    if _use_kernel(q):
+    kernel = _use_kernel(q)
+    if kernel:
         grads = _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
-                                 softcap, sinks, need_dmask)
+                                 softcap, sinks, need_dmask, dropout_p, rng_state)
     if grads is None:
+        # after a kernel forward, the reference must drop with the kernels' mask (regenerated from rng_state)
         grads = testing.attention_backward_ref(
             grad_out, q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
             mask_fill=mask_fill, softcap=softcap, sinks=sinks, upcast=False,
+            dropout_p=dropout_p, dropout_mask=_reference_keep_mask(q, k, rng_state, dropout_p, kernel=kernel),
         )
     dq, dk, dv, dmask, dsinks = grads
     dq, dk, dv = (_like(g, t) for g, t in ((dq, q), (dk, k), (dv, v)))
@@ -215,7 +262,7 @@ _BACKWARD_KERNEL_FAILED: list[str] = []
 
 
 def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill, softcap, sinks,
-                     need_dmask):
+                     need_dmask, dropout_p=0.0, rng_state=None):
     if _BACKWARD_KERNEL_FAILED:
         return None
     try:
@@ -224,6 +271,7 @@ def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, wind
         return flash_attention_backward(
             grad_out, q, k, v, mask, out, lse, scale=scale, window_left=window_left, window_right=window_right,
             mask_fill=mask_fill, softcap=softcap, sinks=sinks, need_dmask=need_dmask,
+            dropout_p=dropout_p, rng_state=rng_state,
         )
     except ValueError:
         raise
@@ -236,7 +284,7 @@ def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, wind
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
-                             softcap, sinks=None, need_dmask=True):
+                             softcap, sinks=None, need_dmask=True, dropout_p=0.0, rng_state=None):
     has_dmask = mask is not None and mask.dtype != torch.bool and need_dmask
     dmask = torch.empty_like(mask) if has_dmask else q.new_empty(0)
     dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
@@ -246,19 +294,21 @@ def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_le
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, *rest = inputs
     sinks = rest[0] if rest else None
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, sinks)
+    dropout_p = rest[1] if len(rest) > 1 else 0.0
+    out, lse, rng_state = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, sinks, rng_state)  # no [Sq, Sk] tensor: the mask is rng_state
     ctx.params = (scale, window_left, window_right, mask_fill, softcap)
+    ctx.dropout_p = dropout_p
     ctx.need_dmask = mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse, sinks = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_rng_state):
+    q, k, v, mask, out, lse, sinks, rng_state = ctx.saved_tensors
     dq, dk, dv, dmask, dsinks = torch.ops.flashfuse.attention_backward(
-        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask)
+        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask, ctx.dropout_p, rng_state)
     dmask = dmask if ctx.need_dmask else None
     dsinks = dsinks if sinks is not None else None
-    return dq, dk, dv, dmask, None, None, None, None, None, dsinks
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -277,21 +327,24 @@ def attention(
     mask_fill: float = -math.inf,
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Fused attention, ``softmax(q kᵀ * scale + mask) v`` with GQA by head map; see ``flashfuse.testing``.
 
     ``causal=True`` is ``window_right=0`` (key index <= query index). An additive ``mask`` and ``sinks``
-    may require grad. Returns ``[B, Hq, Sq, D]``.
+    may require grad. ``dropout_p`` drops attention probabilities (always, when > 0: pass
+    ``p if self.training else 0.0``), with ``1 / (1 - p)`` scaling. Returns ``[B, Hq, Sq, D]``.
     """
     validate_attention_args(q, k, v, mask, window_left, window_right)
     _validate_sinks(q, sinks)
+    dropout_p = _check_dropout_p(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if causal:
         if window_right is not None and window_right != 0:
             raise ValueError(f"window_right: {window_right} contradicts causal=True")
         window_right = 0
-    out, _ = torch.ops.flashfuse.attention(
-        q, k, v, mask, float(scale), window_left, window_right, float(mask_fill), float(softcap), sinks
+    out, _, _ = torch.ops.flashfuse.attention(
+        q, k, v, mask, float(scale), window_left, window_right, float(mask_fill), float(softcap), sinks, dropout_p
     )
     return out

@@ -48,6 +48,12 @@ Semantics are ``flashfuse.testing.attention_backward_ref`` exactly; the cases th
   recomputes ``lo = log2(sum_j exp(s_j - lse))`` (one extra pass over that row block's keys, rare:
   such rows are fully masked padding rows) and the kernels use ``P = exp2((S - lse) log2(e) - lo)``.
 * sinks: ``p_sink = exp(sink - lse)`` per row; ``dsinks[h] = -sum(p_sink * delta)`` over batch and rows.
+* dropout (rule 9): the forward's ``O = (P * keep / (1 - p)) V`` with ``lse`` of the undropped P. Each tile
+  regenerates ``keep`` from the same Philox counters as the forward (``_dropout_keep``: a function of
+  (b, h, i, j) only, so the transposed dK/dV tiles and other tile sizes get the same mask). Then
+  ``dP = keep / (1 - p) * dO Vᵀ`` and ``dS = P * (dP - delta)`` with the undropped P; ``delta =
+  rowsum(dO * O)`` still equals ``rowsum(P * dP)``; ``dV = sum (P * keep)ᵀ dO``, times ``1 / (1 - p)`` once
+  at the end (before the rule-6 rows' ``vbar``, which are not dropped).
 * the additive mask's gradient ``dS`` summed over the broadcast dims of the mask: tiles are summed over
   the rows (columns) first where the mask is broadcast over rows (columns), then added with fp32 atomics
   into a zeroed buffer of the mask's shape, read through the same broadcast strides as the mask.
@@ -73,10 +79,12 @@ from flashfuse.kernels.flash_fwd import (
     _MASK_BOOL,
     _MASK_NONE,
     _downcast,
+    _dropout_keep,
     _key_blocks,
     _mma,
     _tanh,
     _validate,
+    _validate_dropout,
     _validate_sinks,
 )
 
@@ -364,9 +372,9 @@ def _attn_bwd_dkdv_inner(
     Q_head, DO_head, Mask_head, LseK_head, Lo_head, Delta_head,
     start, end, offs_n, offs_d, offs_dv,
     Sq, Sk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
-    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_off, rng_head, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """Visit query blocks ``[start, end)`` of one query head; tiles are transposed (``[keys, queries]``)
@@ -402,12 +410,18 @@ def _attn_bwd_dkdv_inner(
 
         qkT = _mma(k, qT, DOT_PRECISION, INTERPRET_BF16)
         dpT = _mma(v, tl.trans(do), DOT_PRECISION, INTERPRET_BF16)
+        if DROPOUT:
+            # rng_head = (b * Hq + h) * Sq: the forward's counter of (i, j) is offset + (rng_head + i) * Sk + j
+            keepT = _dropout_keep(seed, (rng_off + (rng_head + offs_m) * Sk)[None, :], offs_n[:, None], dropout_p)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
         pT, _, dxT = _tile_grads(
             qkT, dpT, lse[None, :], lo[None, :], delta[None, :],
             offs_m[None, :], offs_n[:, None], Mask_head + m64 * stride_mask_m, local_m[None, :], local_n[:, None],
             Sq, Sk, stride_mask_m, stride_mask_n,
             qk_scale, softcap_in, softcap_out, window_left, window_right, MASK_KIND, HAS_SOFTCAP, EDGE,
         )  # fmt: skip
+        if DROPOUT:
+            pT = tl.where(keepT, pT, 0.0)  # times 1 / (1 - p) once, at the end
         dv += _mma(_downcast(pT, do.dtype, INTERPRET_BF16), do, DOT_PRECISION, INTERPRET_BF16)
         dk += _mma(_downcast(dxT, qT.dtype, INTERPRET_BF16), tl.trans(qT), DOT_PRECISION, INTERPRET_BF16)
     return dk, dv
@@ -415,7 +429,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Mask, LseK, Lo, Delta, VBar, NanFlag, DK, DV,
+    Q, K, V, DO, Mask, LseK, Lo, Delta, VBar, NanFlag, Rng, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -425,10 +439,10 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hkv, GROUPS, Sq, Sk,
-    scale, qk_scale, softcap_in, softcap_out, window_left, window_right,
+    scale, qk_scale, softcap_in, softcap_out, window_left, window_right, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RULE6: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RULE6: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -461,6 +475,16 @@ def _attn_bwd_dkdv(
     )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(Rng)
+        rng_off = tl.load(Rng + 1)
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        keep_scale = tl.cast(keep_scale, tl.float32)
+    else:
+        seed = 0
+        rng_off = b64
+        dropout_p = 0.0
+        keep_scale = 1.0
 
     lo, full_lo, full_hi, hi = _query_blocks(start_n, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
     # GQA: the query heads of this KV head one after the other, summing into the same accumulators
@@ -470,31 +494,40 @@ def _attn_bwd_dkdv(
         DO_head = DO + b64 * stride_dob + h64 * stride_doh
         Mask_head = Mask + b64 * stride_mask_b + h64 * stride_mask_h + n64 * stride_mask_n
         row_stats = b64 * stride_rb + h64 * stride_rh
+        rng_head = (b64 * Hkv * GROUPS + h64) * Sq
         # fmt: off
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_head, DO_head, Mask_head, LseK + row_stats, Lo + row_stats, Delta + row_stats,
             lo, full_lo, offs_n, offs_d, offs_dv,
             Sq, Sk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
             qk_scale, softcap_in, softcap_out, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+            seed, rng_off, rng_head, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DROPOUT,
+            DOT_PRECISION, INTERPRET_BF16,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_head, DO_head, Mask_head, LseK + row_stats, Lo + row_stats, Delta + row_stats,
             full_lo, full_hi, offs_n, offs_d, offs_dv,
             Sq, Sk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
             qk_scale, softcap_in, softcap_out, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION, INTERPRET_BF16,
+            seed, rng_off, rng_head, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, DROPOUT,
+            DOT_PRECISION, INTERPRET_BF16,
         )
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, Q_head, DO_head, Mask_head, LseK + row_stats, Lo + row_stats, Delta + row_stats,
             full_hi, hi, offs_n, offs_d, offs_dv,
             Sq, Sk, stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
             qk_scale, softcap_in, softcap_out, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+            seed, rng_off, rng_head, dropout_p, keep_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DROPOUT,
+            DOT_PRECISION, INTERPRET_BF16,
         )
         # fmt: on
 
     dk = dk * scale
+    if DROPOUT:
+        dv = dv * keep_scale
     if RULE6:
         # rule-6 rows of the group: dO / Sk to every key, also the keys the band skipped
         vbar = tl.load(VBar + (b64 * Hkv + hkv64) * HEAD_DIM_V + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0)
@@ -546,9 +579,9 @@ def _attn_bwd_dq_inner(
     K_head, V_head, Mask_rows, DMask_rows,
     start, end, offs_m, offs_n, offs_d, offs_dv, row_ok,
     Sq, Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n, stride_dm_m, stride_dm_n,
-    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
     NEED_DMASK: tl.constexpr, DMASK_BCAST_M: tl.constexpr, DMASK_BCAST_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
@@ -568,6 +601,8 @@ def _attn_bwd_dq_inner(
             vT = tl.load(vT_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         qk = _mma(q, kT, DOT_PRECISION, INTERPRET_BF16)
         dp = _mma(do, vT, DOT_PRECISION, INTERPRET_BF16)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, rng_rows[:, None], cols[None, :], dropout_p), dp * keep_scale, 0.0)
         _, ds, dx = _tile_grads(
             qk, dp, lse[:, None], lo[:, None], delta[:, None],
             offs_m[:, None], cols[None, :], Mask_rows + n64 * stride_mask_n, local_m[:, None], offs_n[None, :],
@@ -585,7 +620,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Mask, LseK, Lo, Delta, DQ, DMask,
+    Q, K, V, DO, Mask, LseK, Lo, Delta, Rng, DQ, DMask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -594,11 +629,11 @@ def _attn_bwd_dq(
     stride_rb, stride_rh,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dm_b, stride_dm_h, stride_dm_m, stride_dm_n,
-    GROUPS, Sq, Sk,
-    scale, qk_scale, softcap_in, softcap_out, window_left, window_right,
+    Hq, GROUPS, Sq, Sk,
+    scale, qk_scale, softcap_in, softcap_out, window_left, window_right, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     NEED_DMASK: tl.constexpr, DMASK_BCAST_M: tl.constexpr, DMASK_BCAST_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
@@ -647,6 +682,16 @@ def _attn_bwd_dq(
     Mask_rows = Mask + b64 * stride_mask_b + h64 * stride_mask_h + m64 * stride_mask_m
     DMask_rows = DMask + b64 * stride_dm_b + h64 * stride_dm_h + m64 * stride_dm_m
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(Rng)
+        rng_rows = tl.load(Rng + 1) + ((b64 * Hq + h64) * Sq + offs_m) * Sk
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        keep_scale = tl.cast(keep_scale, tl.float32)
+    else:
+        seed = 0
+        rng_rows = offs_m
+        dropout_p = 0.0
+        keep_scale = 1.0
 
     lo_n, full_lo, full_hi, hi_n = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
     # fmt: off
@@ -654,24 +699,24 @@ def _attn_bwd_dq(
         dq, q, do, lse, lo, delta, K_head, V_head, Mask_rows, DMask_rows,
         lo_n, full_lo, offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sq, Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n, stride_dm_m, stride_dm_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DROPOUT,
         NEED_DMASK, DMASK_BCAST_M, DMASK_BCAST_N, DOT_PRECISION, INTERPRET_BF16,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, lo, delta, K_head, V_head, Mask_rows, DMask_rows,
         full_lo, full_hi, offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sq, Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n, stride_dm_m, stride_dm_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, DROPOUT,
         NEED_DMASK, DMASK_BCAST_M, DMASK_BCAST_N, DOT_PRECISION, INTERPRET_BF16,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, lo, delta, K_head, V_head, Mask_rows, DMask_rows,
         full_hi, hi_n, offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sq, Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n, stride_dm_m, stride_dm_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p, keep_scale,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, DROPOUT,
         NEED_DMASK, DMASK_BCAST_M, DMASK_BCAST_N, DOT_PRECISION, INTERPRET_BF16,
     )
     # fmt: on
@@ -761,6 +806,8 @@ def flash_attention_backward(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     need_dmask: bool = True,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """returns (dq, dk, dv, dmask or None, dsinks or None): ``flashfuse.testing.attention_backward_ref``
 
@@ -769,11 +816,16 @@ def flash_attention_backward(
     (``torch.empty_like``); ``dmask`` (an additive mask only) is ``mask.shape`` in ``mask.dtype``, summed
     over the dims the mask broadcasts; ``dsinks`` is ``[Hq]`` in ``sinks.dtype``. ``need_dmask=False``
     skips the mask gradient (returns None): it is the one expensive extra, fp32 atomics per score.
+    ``dropout_p`` and ``rng_state`` are the forward's: the kernels regenerate its keep-mask.
     Bad arguments raise ``ValueError`` naming the argument.
     """
     _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
     _validate_sinks(q, sinks)
     _validate_saved(grad_out, q, v, out, lse)
+    dropout_p = _validate_dropout(q, dropout_p, rng_state)
+    dropout = dropout_p > 0
+    rng_arg = rng_state if dropout else lse
+    drop = (dropout_p, 1.0 / (1.0 - dropout_p))
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     device = q.device
@@ -850,24 +902,24 @@ def flash_attention_backward(
     cfg = _launch(
         _attn_bwd_dkdv, lambda c: (triton.cdiv(Sk, c.block_n1), Hkv, B),
         (
-            q, k, v, grad_out, mask_arg, lse_k, lo, delta, vbar, nan_flag, dk, dv,
+            q, k, v, grad_out, mask_arg, lse_k, lo, delta, vbar, nan_flag, rng_arg, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides,
             delta.stride(0), delta.stride(1), *dk.stride(), *dv.stride(),
-            Hkv, Hq // Hkv, Sq, Sk, scale, *scores,
+            Hkv, Hq // Hkv, Sq, Sk, scale, *scores, *drop,
         ),
-        lambda c: dict(meta, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, RULE6=rule6),
+        lambda c: dict(meta, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, RULE6=rule6, DROPOUT=dropout),
         cfg, device,
     )
     cfg = _launch(
         _attn_bwd_dq, lambda c: (triton.cdiv(Sq, c.block_m2), Hq, B),
         (
-            q, k, v, grad_out, mask_arg, lse_k, lo, delta, dq, dmask_arg,
+            q, k, v, grad_out, mask_arg, lse_k, lo, delta, rng_arg, dq, dmask_arg,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides,
             delta.stride(0), delta.stride(1), *dq.stride(), *dmask_strides,
-            Hq // Hkv, Sq, Sk, scale, *scores,
+            Hq, Hq // Hkv, Sq, Sk, scale, *scores, *drop,
         ),
         lambda c: dict(
-            meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, NEED_DMASK=has_dmask,
+            meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, NEED_DMASK=has_dmask, DROPOUT=dropout,
             DMASK_BCAST_M=dmask_strides[2] == 0, DMASK_BCAST_N=dmask_strides[3] == 0,
         ),
         cfg, device,

@@ -28,6 +28,13 @@ Semantics are ``flashfuse.testing.attention_ref`` exactly (read its docstring fi
 * ``sinks`` (rule 8): one extra logit per head in every row's denominator. It is the online softmax's
   starting state: ``m_i = sink`` (in the scores' units) and ``l_i = exp(sink - m_i) = 1`` with
   ``acc = 0``, so a row with nothing kept ends as ``0 / 1 = 0`` and its ``lse`` is the sink's.
+* dropout (rule 9): after the softmax, as FlashAttention does. ``l_i`` and ``lse`` sum the undropped
+  ``p``; only the ``p @ v`` update sees the dropped tile, and the epilogue multiplies by ``1 / (1 - p)``
+  once per row instead of once per element. The keep decision of ``(b, h, i, j)`` is Triton's Philox
+  (``tl.rand``) with the key ``seed`` and the 64-bit counter ``offset + ((b * Hq + h) * Sq + i) * Sk + j``
+  (``rng_state = [seed, offset]``): a function of the indices only, so the backward (other tile sizes, the
+  transposed dK/dV tiles) and ``dropout_keep_mask`` regenerate the same mask. Rule-6 rows (the mean of
+  ``v``) are not dropped.
 
 Credits: Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
 (2023); Philippe Tillet and the Triton authors, ``python/tutorials/06-fused-attention.py``.
@@ -44,7 +51,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-__all__ = ["flash_attention_forward"]
+__all__ = ["flash_attention_forward", "dropout_keep_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,17 @@ def _tanh(x):
 
 
 @triton.jit
+def _dropout_keep(seed, rng_rows, cols, dropout_p):
+    """Keep-mask of a tile (True with probability ``1 - dropout_p``): one Philox draw per (b, h, i, j).
+
+    ``rng_rows = offset + ((b * Hq + h) * Sq + i) * Sk`` (int64) and ``cols = j``, already broadcast to the
+    tile's orientation (``[queries, keys]`` or transposed). ``tl.rand`` maps the first 32-bit Philox-4x32-10
+    output to a float in [0, 1) with 31 bits; the comparison is the same in every kernel, in fp32.
+    """
+    return tl.rand(seed, rng_rows + cols) >= dropout_p
+
+
+@triton.jit
 def _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks of the query rows ``[start_m, start_m + BLOCK_M)``: ``(lo, full_lo, full_hi, hi)``.
 
@@ -142,10 +160,10 @@ def _attn_fwd_inner(
     start, end,
     offs_m, offs_n, offs_d, offs_dv, row_ok,
     Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
-    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """Visit key blocks ``[start, end)`` and update the online-softmax state ``(acc, l_i, m_i)``.
@@ -204,6 +222,9 @@ def _attn_fwd_inner(
         p = _exp(s - m_safe[:, None], MASK_KIND == 2)
         alpha = _exp(m_i - m_safe, MASK_KIND == 2)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # after l_i: the normaliser (and lse) is the undropped softmax's; 1 / (1 - p) in the epilogue
+            p = tl.where(_dropout_keep(seed, rng_rows[:, None], cols[None, :], dropout_p), p, 0.0)
         if EDGE:
             v = tl.load(v_ptrs, mask=col_ok[:, None] & v_mask, other=0.0)
         else:
@@ -295,7 +316,7 @@ _FITTED: dict[tuple, FwdConfig] = {}
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Mask, VMean, Sinks, Out, LSE,
+    Q, K, V, Mask, VMean, Sinks, Rng, Out, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -305,10 +326,11 @@ def _attn_fwd(
     stride_lb, stride_lh, stride_lm,
     Hq, GROUPS, Sq, Sk,
     qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse, sink_unit,
+    dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -358,6 +380,17 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    if DROPOUT:
+        # rng_state = [seed, offset] on the device: read here, so launching never waits for the host
+        seed = tl.load(Rng)
+        rng_rows = tl.load(Rng + 1) + ((b64 * Hq + h64) * Sq + offs_m) * Sk
+        dropout_p = tl.cast(dropout_p, tl.float32)
+        keep_scale = tl.cast(keep_scale, tl.float32)
+    else:
+        seed = 0
+        rng_rows = offs_m
+        dropout_p = 0.0
+
     # key blocks of this row block in three phases: left edge, inside (no elementwise test), right edge
     lo, full_lo, full_hi, hi = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
 
@@ -366,25 +399,25 @@ def _attn_fwd(
         acc, l_i, m_i, q, K_head, V_head, Mask_rows, lo, full_lo,
         offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+        MASK_KIND, HAS_SOFTCAP, True, DROPOUT, DOT_PRECISION, INTERPRET_BF16,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_head, V_head, Mask_rows, full_lo, full_hi,
         offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        MASK_KIND, HAS_SOFTCAP, False, DOT_PRECISION, INTERPRET_BF16,
+        MASK_KIND, HAS_SOFTCAP, False, DROPOUT, DOT_PRECISION, INTERPRET_BF16,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_head, V_head, Mask_rows, full_hi, hi,
         offs_m, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_m, stride_mask_n,
-        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        qk_scale, softcap_in, softcap_out, window_left, window_right, seed, rng_rows, dropout_p,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-        MASK_KIND, HAS_SOFTCAP, True, DOT_PRECISION, INTERPRET_BF16,
+        MASK_KIND, HAS_SOFTCAP, True, DROPOUT, DOT_PRECISION, INTERPRET_BF16,
     )
     # fmt: on
 
@@ -392,6 +425,8 @@ def _attn_fwd(
     # Rows with nothing kept have l_i = 0 and acc = 0: 0 / 0 = NaN and lse = -inf + log2(0) = -inf,
     # which is what eager softmax gives with a -inf fill (rule 6). With a sink, l_i >= 1 there: out = 0.
     out = acc / l_i[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     if MASK_KIND == 2:
         lse = m_i + tl.log2(l_i) * 0.6931471805599453  # m_i is already natural
     else:
@@ -505,6 +540,24 @@ def _validate_sinks(q: torch.Tensor, sinks) -> None:
         raise ValueError(f"sinks: device {sinks.device} differs from q's device {q.device}")
 
 
+def _validate_dropout(q: torch.Tensor, dropout_p, rng_state) -> float:
+    """``dropout_p`` in [0, 1) and, when it is > 0, ``rng_state`` an int64 ``[2]`` tensor on q's device."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")  # noqa: TRY004
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # also NaN
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    if dropout_p > 0:
+        if not isinstance(rng_state, torch.Tensor):
+            raise ValueError(f"rng_state: expected an int64 [2] tensor (seed, offset), got {type(rng_state).__name__}")
+        if rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,) or rng_state.device != q.device:
+            raise ValueError(
+                f"rng_state: expected an int64 [2] tensor (seed, offset) on {q.device}, got {rng_state.dtype} "
+                f"{tuple(rng_state.shape)} on {rng_state.device}"
+            )
+    return dropout_p
+
+
 def flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -517,16 +570,21 @@ def flash_attention_forward(
     mask_fill: float = float("-inf"),
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """returns (out [B,Hq,Sq,Dv] in q.dtype, contiguous; lse [B,Hq,Sq] float32)
 
     ``q: [B, Hq, Sq, D]``, ``k: [B, Hkv, Sk, D]``, ``v: [B, Hkv, Sk, Dv]`` with any strides; ``mask`` is
     None, a bool keep-mask or an additive float mask broadcastable to ``[B, Hq, Sq, Sk]``; ``sinks`` is
-    None or ``[Hq]`` in any float dtype. Semantics: ``flashfuse.testing.attention_ref``. Bad arguments
-    raise ``ValueError`` naming the argument.
+    None or ``[Hq]`` in any float dtype. ``dropout_p > 0`` drops probabilities with the keep-mask
+    ``dropout_keep_mask(rng_state, ...)`` (``rng_state``: int64 ``[2]``, seed and offset, on q's device).
+    Semantics: ``flashfuse.testing.attention_ref``. Bad arguments raise ``ValueError`` naming the argument.
     """
     _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
     _validate_sinks(q, sinks)
+    dropout_p = _validate_dropout(q, dropout_p, rng_state)
+    dropout = dropout_p > 0
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=q.device)
@@ -570,7 +628,7 @@ def flash_attention_forward(
     interpreted = _interpreting()
     # fmt: off
     args = (
-        q, k, v, mask_arg, vmean, lse if sinks is None else sinks, out, lse,
+        q, k, v, mask_arg, vmean, lse if sinks is None else sinks, rng_state if dropout else lse, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *vmean_strides,
         0 if sinks is None else sinks.stride(0), *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Sq, Sk,
@@ -578,6 +636,7 @@ def flash_attention_forward(
         float(scale) / softcap if has_softcap else 0.0,
         softcap * score_unit,
         wl, wr, fill_thr, fill_lse, score_unit,
+        dropout_p, 1.0 / (1.0 - dropout_p),
     )
     # fmt: on
     meta = {
@@ -589,6 +648,7 @@ def flash_attention_forward(
         "HAS_SOFTCAP": has_softcap,
         "FINITE_FILL": finite_fill,
         "HAS_SINKS": sinks is not None,
+        "DROPOUT": dropout,
         # fp32 inputs: "ieee" keeps tl.dot from rounding operands to tf32 (10-bit mantissa)
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "INTERPRET_BF16": interpreted and q.dtype == torch.bfloat16,
@@ -620,3 +680,41 @@ def flash_attention_forward(
             cfg = smaller
     _FITTED[key] = cfg
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# the dropout keep-mask, for tests and for the reference backward after a kernel forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_mask_kernel(Rng, Keep, Sq, Sk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    off_bh = tl.cast(tl.program_id(0), tl.int64)  # b * Hq + h
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = off_bh * Sq + offs_m
+    rng_rows = tl.load(Rng + 1) + rows * Sk
+    keep = _dropout_keep(tl.load(Rng), rng_rows[:, None], offs_n[None, :], tl.cast(dropout_p, tl.float32))
+    tl.store(Keep + rows[:, None] * Sk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk))
+
+
+def dropout_keep_mask(rng_state: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int, dropout_p: float) -> torch.Tensor:
+    """The kernels' keep-mask for ``rng_state``: bool ``[B, Hq, Sq, Sk]`` on ``rng_state``'s device.
+
+    The same ``_dropout_keep`` with the same counters as the forward and backward kernels, so a reference
+    given this mask reproduces the kernels' dropout exactly. It materialises ``B * Hq * Sq * Sk`` bytes:
+    for tests and for the reference backward, never for the fast path.
+    """
+    dropout_p = _validate_dropout(rng_state, dropout_p, rng_state)
+    keep = torch.ones((B, Hq, Sq, Sk), dtype=torch.int8, device=rng_state.device)
+    if dropout_p == 0 or keep.numel() == 0:
+        return keep.bool()
+    block_m, block_n = (16, 16) if _interpreting() else (64, 64)
+    grid = (B * Hq, triton.cdiv(Sq, block_m), triton.cdiv(Sk, block_n))
+    if rng_state.device.type == "cuda":
+        with torch.cuda.device(rng_state.device):
+            _dropout_mask_kernel[grid](rng_state, keep, Sq, Sk, dropout_p, BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        _dropout_mask_kernel[grid](rng_state, keep, Sq, Sk, dropout_p, BLOCK_M=block_m, BLOCK_N=block_n)
+    return keep.bool()
