@@ -38,7 +38,7 @@ import math
 
 import torch
 
-__all__ = ["attention_ref", "attention_backward_ref", "structure_keep", "expand_kv", "dropout_keep_mask"]
+__all__ = ["attention_backward_ref", "attention_ref", "dropout_keep_mask", "expand_kv", "structure_keep"]
 
 
 def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-__all__ = ["flash_attention_forward", "dropout_keep_mask"]
+__all__ = ["dropout_keep_mask", "flash_attention_forward"]
 
 log = logging.getLogger(__name__)
 
