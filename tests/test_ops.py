@@ -53,8 +53,10 @@ def test_fake_impl_under_symbolic_shapes():
     q, k, v = _qkv()
     with mode:
         fq, fk, fv = (mode.from_tensor(t, static_shapes=False) for t in (q, k, v))
-        out, lse = torch.ops.flashfuse.attention(fq, fk, fv, None, 0.1, None, 0, float("-inf"), 0.0)
+        out, lse, rng = torch.ops.flashfuse.attention(fq, fk, fv, None, 0.1, None, 0, float("-inf"), 0.0)
+        _, _, rng_drop = torch.ops.flashfuse.attention(fq, fk, fv, None, 0.1, None, 0, float("-inf"), 0.0, None, 0.1)
     assert out.shape == fq.shape and lse.shape == fq.shape[:-1] and lse.dtype == torch.float32
+    assert rng.shape == rng_drop.shape == (2,) and rng.dtype == rng_drop.dtype == torch.int64
 
 
 @pytest.mark.parametrize("case", ["plain", "gqa_causal_softcap", "bool_mask_window", "additive", "finite_fill_empty"])
@@ -110,3 +112,96 @@ def test_trainable_bias_and_sinks_get_gradients():
     ref.backward(g.double())
     for got, want in ((q32, q), (k32, k), (v32, v), (bias32, bias), (sinks32, sinks)):
         torch.testing.assert_close(got.grad.double(), want.grad, atol=5e-5, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout (testing.py rule 9)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_op(q, k, v, p, **kw):
+    """The op with ``dropout_p=p``, causal; returns ``(out, rng_state)``."""
+    out, _, rng = torch.ops.flashfuse.attention(q, k, v, None, 0.3, kw.get("window_left"), 0, float("-inf"), 0.0,
+                                                None, p)
+    return out, rng
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_dropout_forward_and_gradients_match_the_reference_with_the_op_mask(path, monkeypatch):
+    from flashfuse import ops
+    from flashfuse.testing import attention_backward_ref, dropout_keep_mask
+
+    if path == "reference":  # the CPU without the interpreter: the float32 reference with torch's RNG
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not ops._use_kernel(torch.empty(0)):
+        pytest.skip("the kernel path needs TRITON_INTERPRET=1 on the CPU")
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B=2, S=19, D=16))
+    out, rng = _dropout_op(q, k, v, 0.3)
+    keep = dropout_keep_mask(rng, 2, 4, 19, 19, 0.3)
+    assert keep.shape == (2, 4, 19, 19) and 0.5 < keep.float().mean() < 0.9
+    ref, _ = attention_ref(q.detach(), k.detach(), v.detach(), scale=0.3, window_right=0, dropout_p=0.3,
+                           dropout_mask=keep)
+    torch.testing.assert_close(out.detach().double(), ref, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want = attention_backward_ref(g.double(), q.detach().double(), k.detach().double(), v.detach().double(),
+                                  scale=0.3, window_right=0, dropout_p=0.3, dropout_mask=keep)
+    for got, w in zip((q.grad, k.grad, v.grad), want):
+        torch.testing.assert_close(got.double(), w, atol=5e-5, rtol=1e-3)
+    # the reference path's mask is torch's RNG, not the kernels' Philox: documented, and true
+    other = dropout_keep_mask(rng, 2, 4, 19, 19, 0.3, kernel=path == "reference")
+    assert not torch.equal(other, keep)
+
+
+def test_dropout_same_seed_same_output_and_p0_draws_nothing():
+    q, k, v = _qkv(S=23, D=16)
+    torch.manual_seed(3)
+    a, rng_a = _dropout_op(q, k, v, 0.2)
+    torch.manual_seed(3)
+    b, rng_b = _dropout_op(q, k, v, 0.2)
+    c, rng_c = _dropout_op(q, k, v, 0.2)  # the generator moved on
+    assert torch.equal(a, b) and torch.equal(rng_a, rng_b)
+    assert not torch.equal(rng_a, rng_c) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    out0, rng0 = _dropout_op(q, k, v, 0.0)
+    assert torch.equal(torch.get_rng_state(), state), "p = 0 must not advance the generator"
+    assert torch.equal(rng0, torch.zeros(2, dtype=torch.int64))
+    assert torch.equal(out0, flashfuse.attention(q, k, v, scale=0.3, causal=True))
+
+
+def test_dropout_public_wrapper_is_unbiased():
+    # E[out] = out without dropout: 64 draws, each element's mean within 5 standard deviations of the mean
+    q, k, v = _qkv(B=1, H=2, Hkv=2, S=9, D=16)
+    p, n = 0.5, 64
+    outs = torch.stack([flashfuse.attention(q, k, v, scale=0.3, causal=True, dropout_p=p) for _ in range(n)])
+    plain, _ = attention_ref(q, k, v, scale=0.3, window_right=0)
+    from flashfuse.testing import _probabilities
+
+    probs = _probabilities(q, k, v, None, 0.3, None, 0, float("-inf"), 0.0, torch.float64)[0]
+    sd = (p / (1 - p) * torch.matmul(probs**2, v.double() ** 2) / n).sqrt()
+    z = (outs.double().mean(0) - plain) / sd.clamp_min(1e-12)
+    assert z.abs().max() <= 5, f"max |z| = {z.abs().max():.2f}"
+
+
+@pytest.mark.parametrize("p", [-0.5, 1.0, 2, "0.1", None, True, float("nan")], ids=str)
+def test_bad_dropout_p_raises_value_error(p):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="dropout_p"):
+        flashfuse.attention(q, k, v, dropout_p=p)
+
+
+def test_dropout_under_torch_compile_autograd():
+    # AOTAutograd traces the op's fake (three outputs) and its autograd; same seed, same gradients as eager
+    q, k, v = _qkv(S=13, D=16)
+
+    def f(q, k, v):
+        return flashfuse.attention(q, k, v, scale=0.3, causal=True, dropout_p=0.25).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        torch.manual_seed(11)
+        fn(qq, kk, vv).backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
