@@ -207,11 +207,12 @@ def attention_backward_ref(grad_out, q, k, v, mask=None, *, scale, window_left=N
     """``(dq, dk, dv, dmask, dsinks)`` of ``attention_ref``'s output, by the standard identities.
 
     ``dS = P * (dP - rowsum(dO * O))``; with dropout (rule 9, same ``dropout_mask`` as the forward) ``O``
-    and ``dV`` use the dropped ``P * keep / (1 - p)`` and ``dP = keep / (1 - p) * dO Vᵀ``; an additive mask's gradient is ``dS`` summed over the dims it
-    broadcasts (None for a bool mask); soft-capping multiplies by ``1 - tanh²`` (after the bias gradient,
-    which sees the capped scores); rows that are the plain mean of ``v`` (rule 6) pass no gradient to
-    ``q``, ``k`` or the mask; a sink's gradient is ``-sum(p_sink * rowsum(dO * O))``; GQA sums over each
-    group. No autograd: it runs inside a custom op, below the autograd dispatch key.
+    and ``dV`` use the dropped ``P * keep / (1 - p)`` and ``dP = keep / (1 - p) * dO Vᵀ``; an additive
+    mask's gradient is ``dS`` summed over the dims it broadcasts (None for a bool mask); soft-capping
+    multiplies by ``1 - tanh²`` (after the bias gradient, which sees the capped scores); rows that are the
+    plain mean of ``v`` (rule 6) pass no gradient to ``q``, ``k`` or the mask; a sink's gradient is
+    ``-sum(p_sink * rowsum(dO * O))``; GQA sums over each group. No autograd: it runs inside a custom op,
+    below the autograd dispatch key.
     """
     work = torch.float64 if upcast else torch.float32
     Hq, Hkv = q.shape[1], k.shape[1]

@@ -54,8 +54,10 @@ def _seed_and_poison(monkeypatch):
 
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device):
-    return (torch.randn(B, Hq, Sq, D, dtype=dtype, device=device), torch.randn(B, Hkv, Sk, D, dtype=dtype, device=device),
-            torch.randn(B, Hkv, Sk, D, dtype=dtype, device=device))
+    def make(H, S):
+        return torch.randn(B, H, S, D, dtype=dtype, device=device)
+
+    return make(Hq, Sq), make(Hkv, Sk), make(Hkv, Sk)
 
 
 def _rng(seed, device, offset=0):
@@ -160,7 +162,9 @@ def test_p0_is_exactly_the_path_without_dropout(device):
     q, k, v = _qkv(2, 4, 2, 29, 31, 32, BF16, device)
     mask = torch.rand(29, 31, device=device) > 0.2
     base, base_lse = flash_attention_forward(q, k, v, mask, scale=0.2, window_right=3)
-    out, lse = flash_attention_forward(q, k, v, mask, scale=0.2, window_right=3, dropout_p=0.0, rng_state=_rng(1, device))
+    out, lse = flash_attention_forward(
+        q, k, v, mask, scale=0.2, window_right=3, dropout_p=0.0, rng_state=_rng(1, device)
+    )
     assert torch.equal(out, base) and torch.equal(lse, base_lse)
     do = torch.randn_like(out)
     g0 = flash_attention_backward(do, q, k, v, mask, base, base_lse, scale=0.2, window_right=3)
@@ -310,5 +314,6 @@ def test_gpu_dropout_long_gqa_causal(dtype, d):
 def test_gpu_dropout_padding_mask_window():
     B, Sq, Sk = 2, 1023, 2049
     q, k, v = _qkv(B, 8, 2, Sq, Sk, 128, BF16, "cuda")
-    pad = torch.arange(Sk, device="cuda")[None, None, None, :] < torch.tensor([Sk, 1500], device="cuda")[:, None, None, None]
+    lengths = torch.tensor([Sk, 1500], device="cuda")
+    pad = torch.arange(Sk, device="cuda")[None, None, None, :] < lengths[:, None, None, None]  # [B, 1, 1, Sk]
     _check(q, k, v, pad, p=0.2, window_left=511, window_right=Sk - Sq)
