@@ -369,12 +369,14 @@ class Sm90Config:
         return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{flags}"
 
     def as_tuple(self) -> tuple:
-        """``(block_m, block_n, num_warps, num_stages, ws, persistent)``: the ``TUNED_CONFIGS`` value format."""
-        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.ws, self.persistent)
+        """``(block_m, block_n, num_warps, num_stages, ws, persistent[, tma])``: ``TUNED_CONFIGS``' format."""
+        t = (self.block_m, self.block_n, self.num_warps, self.num_stages, self.ws, self.persistent)
+        return t if self.tma else (*t, False)
 
     @classmethod
     def from_tuple(cls, t) -> Sm90Config:
-        return cls(*t[:4], ws=bool(t[4]) if len(t) > 4 else False, persistent=bool(t[5]) if len(t) > 5 else False)
+        flags = [bool(x) for x in t[4:]] + [False, False, True][len(t[4:]) :]
+        return cls(*t[:4], ws=flags[0], persistent=flags[1], tma=flags[2])
 
     @classmethod
     def parse(cls, text: str) -> Sm90Config:
