@@ -13,12 +13,13 @@ the interpreter when ``TRITON_INTERPRET=1``, else the float32 reference (``flash
 CPU user still gets correct output.
 
 NOTE: dropout. ``dropout_p > 0`` makes the forward draw ``rng_state = [seed, offset]`` (int64, on q's
-device, from torch's default generator there: ``torch.manual_seed`` reproduces it, activation checkpointing
-replays it) and return it as a third output; autograd saves it, and the backward regenerates the same
-keep-mask from it (in-kernel Philox; see ``flash_fwd._dropout_keep``). ``dropout_p == 0`` draws nothing
-(the generator does not advance) and returns ``[0, 0]``. The op is tagged ``nondeterministic_seeded`` so
-that AOTAutograd/Inductor neither CSE two calls nor move it across other random ops. The reference path
-(CPU without the interpreter) draws its mask with torch's RNG from the same seed
+device, one ``torch.randint`` from torch's default generator there: ``torch.manual_seed`` reproduces it, and
+eager ``torch.utils.checkpoint``, which restores the generator before recomputing, redraws the same) and
+return it as a third output; autograd saves it, and the backward regenerates the same keep-mask from it
+(in-kernel Philox; see ``flash_fwd._dropout_keep``). ``dropout_p == 0`` draws nothing (the generator does
+not advance, no launch) and returns an empty ``rng_state``. The op is tagged ``nondeterministic_seeded``
+so that AOTAutograd/Inductor neither CSE two calls nor reorder it against other random ops. The reference
+path (CPU without the interpreter) draws its mask with torch's RNG seeded from ``rng_state``
 (``testing.dropout_keep_mask``): same keep rate, a different mask from the kernels'.
 """
 
@@ -131,11 +132,11 @@ def _check_dropout_p(dropout_p) -> float:
 
 
 def _draw_rng_state(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """``[seed, offset]`` for the kernels' Philox: a fresh 63-bit seed from the default generator of q's device."""
+    """``[seed, offset]`` for the kernels' Philox, both drawn in [0, 2^62) from the default generator of q's
+    device (one launch; offset + any counter stays below 2^63); empty without dropout (no launch at all)."""
     if dropout_p == 0:
-        return torch.zeros(2, dtype=torch.int64, device=q.device)
-    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device)
-    return torch.cat([seed, seed.new_zeros(1)])
+        return torch.empty(0, dtype=torch.int64, device=q.device)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=q.device)
 
 
 @torch.library.custom_op("flashfuse::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -198,7 +199,7 @@ def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, 
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
-    return out, lse, q.new_empty((2,), dtype=torch.int64)
+    return out, lse, q.new_empty((2 if dropout_p > 0 else 0,), dtype=torch.int64)
 
 
 # NOTE: the backward runs the Triton backward kernels (flashfuse/kernels/flash_bwd.py) where the forward
