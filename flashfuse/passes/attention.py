@@ -30,7 +30,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from flashfuse import ops
 from flashfuse.config import Config
 from flashfuse.passes.canonicalize import to_dtype
-from flashfuse.passes.graph_utils import get_arg, is_scalar, rank, shape, source_line, tensor_val, val
+from flashfuse.passes.graph_utils import (emittable, get_arg, is_scalar, rank, shape, source_line, symbol_sources,
+                                         tensor_val, val)
 from flashfuse.passes.masks import Band, MaskAnalyzer, band_of_bias, band_of_keep
 
 __all__ = ["AttentionSite", "NearMiss", "find_sites"]
@@ -111,8 +112,23 @@ def _describe(node: fx.Node) -> str:
 class _SiteFinder:
     def __init__(self, gm: fx.GraphModule, config: Config, constants: dict[fx.Node, torch.Tensor]):
         self.gm = gm
+        self._sources = None
         self.config = config
         self.masks = MaskAnalyzer(gm, constants)
+
+    def _symbolic_window(self, expr, sv, vv):
+        """A symbolic band bound: ``(a, b, c)`` = ``a*Sk + b*Sq + c`` when it is that simple, else the sympy
+        expression itself (sizes with +, *, max, min: a sliding-window KV cache's offset), rebuilt in the graph
+        from the inputs that carry its sizes."""
+        linear = _size_linear(expr, sv, vv)
+        if linear is not None:
+            return linear
+        if self._sources is None:
+            self._sources = symbol_sources(self.gm.graph)
+        why = emittable(expr, self._sources)
+        if why:
+            raise _Refuse(f"a band bound {expr} that cannot be computed in the graph: {why}")
+        return expr
 
     def analyse(self, sm: fx.Node) -> AttentionSite | NearMiss:
         source = source_line(sm)
@@ -392,13 +408,14 @@ class _SiteFinder:
 
         windows = {}
         for name, value in (("window_left", None if band.lo is None else -band.lo), ("window_right", band.hi)):
-            windows[name] = value if value is None or isinstance(value, int) else _size_linear(value, sv, vv)
+            windows[name] = value if value is None or isinstance(value, int) else self._symbolic_window(value, sv, vv)
         flags = {
             "causal": band.hi == 0 and band.lo is None,
             "window_left": _describe_window(windows["window_left"]),
             "window_right": _describe_window(windows["window_right"]),
             "gqa_groups": groups,
             "mask": _mask_label(masks),
+            "dense_mask": _dense(masks),
             "mask_fill": mask_fill,
             "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
@@ -470,6 +487,8 @@ class _SiteFinder:
         if len(bv.shape) > len(scores_shape) or not all(
                 b == 1 or statically_known_true(b == s) for b, s in zip(reversed(bv.shape), reversed(scores_shape))):
             raise _Refuse(f"a bias of shape {tuple(bv.shape)} that broadcasts the scores {tuple(scores_shape)} larger")
+        if self._split_filled_bias(bias, scores_shape, masks, fills, scale_below):
+            return
         sym = self.masks.evaluate(bias)
         if sym is not None:
             found = band_of_bias(sym, self._scores_rank, FILL_THRESHOLD, *self._unit_lengths)
@@ -481,6 +500,41 @@ class _SiteFinder:
                     fills.append(fill * scale_below)
                 return
         masks.append(MaskTerm("additive", bias, scale=scale_below, in_mm_layout=self._in_mm_layout))
+
+    def _split_filled_bias(self, bias: fx.Node, scores_shape, masks, fills, scale_below: float) -> bool:
+        """``masked_fill(x, cond, fill)`` or ``where(cond, x, fill)`` added to the scores, ``x`` a float tensor
+        the prover cannot see into (Falcon folds its causal mask into the ALiBi bias this way): if ``cond`` is
+        a band (with padding atoms), the band becomes flags and ``x`` alone stays an additive mask. Exact: the
+        kernel never adds a mask at a position outside the band, where the original had ``scores + fill``."""
+        if _is(bias, torch.masked_fill):
+            x, cond, fill = bias.args[0], get_arg(bias, 1, "mask"), get_arg(bias, 2, "value")
+            keep_true = False
+        elif _is(bias, torch.where) and len(bias.args) == 3:
+            cond, a, b = bias.args
+            a_tensor = tensor_val(a) is not None and tensor_val(a).dim() > 0
+            b_tensor = tensor_val(b) is not None and tensor_val(b).dim() > 0
+            if a_tensor == b_tensor:
+                return False
+            x, fill, keep_true = (a, b, True) if a_tensor else (b, a, False)
+        else:
+            return False
+        xv, cv = tensor_val(x), tensor_val(cond)
+        if xv is None or not xv.dtype.is_floating_point or cv is None or cv.dtype != torch.bool:
+            return False
+        if len(xv.shape) > len(scores_shape) or not all(
+                b == 1 or statically_known_true(b == s) for b, s in zip(reversed(xv.shape), reversed(scores_shape))):
+            return False
+        try:
+            fill = self._fill_value(fill)
+        except _Refuse:
+            return False
+        n_masks, n_fills = len(masks), len(fills)
+        self._mask(cond, keep_is_true=keep_true, fill=fill * scale_below, masks=masks, fills=fills)
+        if self._pending_band is None:  # not a band: the whole bias stays one dense additive mask
+            del masks[n_masks:], fills[n_fills:]
+            return False
+        masks.append(MaskTerm("additive", x, scale=scale_below, in_mm_layout=self._in_mm_layout))
+        return True
 
     def _is_chain(self, node) -> bool:
         """Does ``node`` lead up to the q kᵀ matmul through score ops (not a mask of its own)?"""
@@ -564,7 +618,7 @@ class _SiteFinder:
 
 
 def _size_linear(expr, sv, vv):
-    """``expr`` (sympy, of sizes) as ``a*Sk + b*Sq + c`` with small integer a, b; else refuse."""
+    """``expr`` (sympy, of sizes) as ``a*Sk + b*Sq + c`` with small integer a, b; else None."""
     import sympy
 
     sq, sk = sv.shape[-2], vv.shape[-2]
@@ -574,12 +628,14 @@ def _size_linear(expr, sv, vv):
         rest = sympy.simplify(expr - (a * sk_e + b * sq_e))
         if rest.is_number and rest.is_integer:
             return (a, b, int(rest))
-    raise _Refuse(f"a band bound {expr} that is not a simple function of the sequence lengths")
+    return None
 
 
 def _describe_window(w):
     if w is None or isinstance(w, int):
         return w
+    if not isinstance(w, tuple):
+        return str(w)  # a sympy expression of graph sizes (e.g. ``Min(7, s32)``)
     a, b, c = w
     terms = [f"{'' if a == 1 else '-' if a == -1 else a}Sk" if a else "",
              f"{'+' if b > 0 else '-'}{'' if abs(b) == 1 else abs(b)}Sq" if b else "",
@@ -654,6 +710,16 @@ def _per_head_source(node, r: int):
     if not all(not isinstance(d, torch.SymInt) and d == 1 for i, d in enumerate(s) if i != 1):
         return None
     return node
+
+
+def _dense(masks: list) -> bool:
+    """Does a mask tensor vary along the query dim (an Sq x Sk read per head)? Per-key masks (padding, ALiBi's
+    [B, H, 1, Sk]) do not."""
+    for m in masks:
+        v = tensor_val(m.node)
+        if v is not None and v.dim() >= 2 and not _static_one(v.shape[-2]):
+            return True
+    return False
 
 
 def _mask_label(masks: list) -> str:

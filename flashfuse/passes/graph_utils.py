@@ -129,3 +129,98 @@ def insert_call(graph: fx.Graph, target, args: tuple, kwargs: dict | None = None
     if like is not None:
         copy_meta(like, node)
     return node
+
+
+# -- symbolic integers back into the graph ----------------------------------------------------------
+def symbol_sources(graph: fx.Graph) -> dict:
+    """``{sympy symbol: node or (node, dim)}``: where each plain size symbol can be read in the graph.
+
+    A SymInt placeholder gives its symbol directly; a tensor placeholder gives ``tensor.size(dim)`` for each
+    dim whose size is a plain symbol. Placeholders dominate every other node, so any insertion point works.
+    """
+    import sympy
+
+    sources: dict = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        v = val(node)
+        if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+            sources.setdefault(v.node.expr, node)
+        elif isinstance(v, torch.Tensor):
+            for dim, size in enumerate(v.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    sources.setdefault(size.node.expr, (node, dim))
+    return sources
+
+
+def emittable(expr, sources: dict) -> str | None:
+    """None if ``expr`` (sympy integer expression) can be rebuilt from ``sources`` with +, *int, max, min;
+    else what stops it."""
+    import sympy
+
+    if expr.is_Integer:
+        return None
+    if isinstance(expr, sympy.Symbol):
+        return None if expr in sources else f"the size {expr} is not read from any graph input"
+    if isinstance(expr, sympy.Add) or is_max(expr) or is_min(expr):
+        return next((r for r in (emittable(a, sources) for a in expr.args) if r), None)
+    if isinstance(expr, sympy.Mul):
+        numbers = [a for a in expr.args if a.is_number]
+        rest = [a for a in expr.args if not a.is_number]
+        if len(rest) != 1 or not all(n.is_Integer for n in numbers):
+            return f"{expr} is not an integer multiple of one term"
+        return emittable(rest[0], sources)
+    return f"{type(expr).__name__} ({expr}) cannot be rebuilt in the graph"
+
+
+def emit_sym_expr(graph: fx.Graph, expr, sources: dict, like: fx.Node | None = None):
+    """Insert nodes computing ``expr`` (checked by :func:`emittable`) at the graph's insert point: an int or a
+    node whose value is a SymInt."""
+    import operator
+
+    import sympy
+
+    def node_of(e):
+        if e.is_Integer:
+            return int(e)
+        if isinstance(e, sympy.Symbol):
+            src = sources[e]
+            if isinstance(src, fx.Node):
+                return src
+            tensor, dim = src
+            size = graph.call_method("size", (tensor, dim))
+            set_val(size, val(tensor).shape[dim])
+            return size
+        if isinstance(e, sympy.Mul):
+            coeff = int(sympy.Mul(*[a for a in e.args if a.is_number]))
+            (term,) = [a for a in e.args if not a.is_number]
+            return combine(operator.mul, node_of(term), coeff)
+        if isinstance(e, sympy.Add):
+            total = None
+            for a in e.args:
+                total = node_of(a) if total is None else combine(operator.add, total, node_of(a))
+            return total
+        fn = torch.sym_max if is_max(e) else torch.sym_min
+        total = None
+        for a in e.args:
+            total = node_of(a) if total is None else combine(fn, total, node_of(a))
+        return total
+
+    def combine(fn, a, b):
+        if not isinstance(a, fx.Node) and not isinstance(b, fx.Node):
+            return fn(a, b)
+        return insert_call(graph, fn, (a, b), like=like)
+
+    return node_of(expr)
+
+
+def is_max(e) -> bool:
+    """sympy's Max or torch's own (``torch.utils._sympy.functions.Max``, what ShapeEnv expressions use)."""
+    import sympy
+    return isinstance(e, sympy.Max) or type(e).__name__ == "Max"
+
+
+def is_min(e) -> bool:
+    import sympy
+    return isinstance(e, sympy.Min) or type(e).__name__ == "Min"

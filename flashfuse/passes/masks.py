@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.canonicalize import to_dtype
-from flashfuse.passes.graph_utils import get_arg, val
+from flashfuse.passes.graph_utils import is_max, is_min, get_arg, val
 
 __all__ = ["Sym", "MaskAnalyzer", "Band", "band_of_keep", "band_of_bias"]
 
@@ -41,7 +41,7 @@ _fresh = itertools.count()
 
 
 def _new_sym() -> sympy.Symbol:
-    return sympy.Symbol(f"s{next(_fresh)}", integer=True)
+    return sympy.Symbol(f"_ix{next(_fresh)}", integer=True)  # never a ShapeEnv name (s0, s1, ...)
 
 
 @dataclasses.dataclass
@@ -498,7 +498,10 @@ def _pick(a, b, *, larger: bool):
         return a if larger else b
     if diff.is_nonpositive:
         return b if larger else a
-    raise NotStructure(f"cannot order the band bounds {a} and {b}")
+    if not (_symbolic_offset(sympy.sympify(a)) and _symbolic_offset(sympy.sympify(b))):
+        raise NotStructure(f"cannot order the band bounds {a} and {b}")
+    # decided at run time: the op's window argument is then a SymInt expression with max/min
+    return sympy.Max(a, b) if larger else sympy.Min(a, b)
 
 
 def _linear_in_sizes(expr) -> bool:
@@ -510,6 +513,24 @@ def _linear_in_sizes(expr) -> bool:
     except sympy.PolynomialError:
         return False
     return poly.total_degree() <= 1 and all(c.is_integer for c in poly.coeffs())
+
+
+def _symbolic_offset(expr) -> bool:
+    """An integer expression of sizes built from +, integer *, max and min (a KV cache's offsets, e.g.
+    ``max(past - W + 1, 0)``): it can be rebuilt in the graph as the op's SymInt window. Whether every size in
+    it can be read from a graph input is checked by the finder (``graph_utils.emittable``)."""
+    if expr.is_Integer or _linear_in_sizes(expr):
+        return True
+    if any(isinstance(a, _Atom) or a in (I, J, D) for a in expr.free_symbols):
+        return False
+    if isinstance(expr, sympy.Symbol):
+        return True
+    if isinstance(expr, sympy.Add) or is_max(expr) or is_min(expr):
+        return all(_symbolic_offset(a) for a in expr.args)
+    if isinstance(expr, sympy.Mul):
+        rest = [a for a in expr.args if not a.is_number]
+        return len(rest) == 1 and all(a.is_Integer for a in expr.args if a.is_number) and _symbolic_offset(rest[0])
+    return False
 
 
 def _as_bound(x):
@@ -616,8 +637,8 @@ def _bounds(expr):
         rest = sympy.expand(e - coeff * D)
         if coeff not in (1, -1) or D in rest.free_symbols:
             return None
-        if not rest.is_number and not _linear_in_sizes(rest):
-            return None  # a symbolic offset must be a linear integer expression of sizes (a KV-cache length)
+        if not rest.is_number and not _symbolic_offset(rest):
+            return None  # a symbolic offset: sizes with +, integer *, max, min (a KV cache's length and offset)
         # coeff*D + rest (rel) 0  ->  bounds on D
         bound = -rest / coeff
         rel = type(atom)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.attention import AttentionSite
-from flashfuse.passes.graph_utils import insert_call, set_val, tensor_val
+from flashfuse.passes.graph_utils import emit_sym_expr, insert_call, set_val, symbol_sources, tensor_val
 from flashfuse.passes.canonicalize import to_dtype
 
 __all__ = ["rewrite_site"]
@@ -35,9 +35,12 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int, like: fx.Node):
 
 
 def _window(graph: fx.Graph, w, q: fx.Node, v: fx.Node, like: fx.Node):
-    """An int window as is; ``(a, b, c)`` = ``a*Sk + b*Sq + c`` built from size nodes (a SymInt argument)."""
+    """An int window as is; ``(a, b, c)`` = ``a*Sk + b*Sq + c`` built from size nodes (a SymInt argument); a
+    sympy expression rebuilt from the graph inputs that carry its sizes."""
     if w is None or isinstance(w, int):
         return w
+    if not isinstance(w, tuple):
+        return emit_sym_expr(graph, w, symbol_sources(graph), like=like)
     a, b, c = w
     total = c
     for coeff, node in ((a, v), (b, q)):

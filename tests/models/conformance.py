@@ -73,14 +73,15 @@ def mask_terms(flags) -> list[str]:
 
 def assert_structure(report, *, band: bool, biases: int = 0):
     """Causal self-attention: the band is recognized (``band``: causal or window flags) and no dense float
-    mask is read beyond ``biases`` genuine additive biases (ALiBi); padding may come as a boolean mask."""
+    mask is read beyond ``biases`` genuine additive biases (ALiBi), and no mask varies along the query dim (a
+    dense Sq x Sk read); padding may come as a boolean per-key mask."""
     for s in attention_sites(report):
         f = s.flags
         has_band = bool(f.get("causal")) or f.get("window_left") is not None or f.get("window_right") is not None
         additive = mask_terms(f).count("additive")
-        if (band and not has_band) or additive > biases:
+        if (band and not has_band) or additive > biases or f.get("dense_mask"):
             raise DenseMask(f"{s.source}: causal={f.get('causal')} window=({f.get('window_left')}, "
-                            f"{f.get('window_right')}) mask={f.get('mask')} (expected {'a band, ' if band else ''}"
+                            f"{f.get('window_right')}) mask={f.get('mask')} dense={f.get('dense_mask')} (expected {'a band, ' if band else ''}"
                             f"at most {biases} additive bias)")
 
 

@@ -27,25 +27,19 @@ from tests.models.conformance import DenseMask, check_decode, check_forward
 # attention sites per model in one forward / one decode-step graph (2 layers each)
 SITES = {"t5": (6, 4), "whisper": (6, 4), "clip": (4, None)}
 DEFAULT_SITES = (2, 2)
-ALIBI = {"bloom", "falcon_alibi"}  # one genuine additive bias per site
+# genuine additive ALiBi biases per site ([B, H, 1, Sk], never Sq x Sk): Falcon adds its ALiBi twice (to the
+# logits, and folded into the mask as masked_fill(alibi / sqrt(d), causal_mask < -1, min)) -- transformers' code
+ALIBI = {"bloom": 1, "falcon_alibi": 2}
 
 CAUSAL_LMS = [m for m, (_, kind) in zoo.BUILDERS.items() if kind == "causal_lm"]
-WINDOW_DECODE_DENSE = ("sliding-window models, q_len=1 decode after Dynamo's automatic-dynamic recompile: the window's "
-                       "bounds are symbolic in the cache length and not yet proven a band, so a [B,1,1,Sk] mask is read "
-                       "(correct, not skipped); the static first decode step and full-attention models get the flags")
-FALCON_ALIBI_DENSE = "Falcon ALiBi: the causal mask is not separated from the ALiBi sum (mask=2xadditive, no causal flag)"
 
 # (model, scenario) -> [(exception, reason)]; scenario "*" covers every scenario. Gaps closed since the first
 # survey (now passing): NotAllRewritten for bloom, falcon_alibi, gpt2_upcast (leading-dim views, bias before
 # the scale), gpt_oss (attention sinks, router softmax no longer a candidate), t5 with autograd on (bias grad);
-# ReferenceKernel for gpt_oss (sinks now in the Triton forward kernel).
-GAPS: dict[tuple[str, str], list[tuple[type, str]]] = {
-    ("falcon_alibi", "forward"): [(DenseMask, FALCON_ALIBI_DENSE)],
-    ("falcon_alibi", "padded"): [(DenseMask, FALCON_ALIBI_DENSE)],
-    ("falcon_alibi", "decode_padded"): [(DenseMask, FALCON_ALIBI_DENSE)],
-    ("falcon_alibi", "decode"): [(DenseMask, FALCON_ALIBI_DENSE)],
-    **{(m, "decode"): [(DenseMask, WINDOW_DECODE_DENSE)] for m in ("mistral", "gemma2", "gemma3", "gpt_oss")},
-}
+# ReferenceKernel for gpt_oss (sinks now in the Triton forward kernel); DenseMask for falcon_alibi (the causal
+# band inside masked_fill(alibi, causal_mask < -1, min) is split from the bias) and for the sliding-window
+# models' decode after the recompile (bounds with max(past - W + 1, 0) become SymInt windows).
+GAPS: dict[tuple[str, str], list[tuple[type, str]]] = {}
 
 
 def _marks(model: str, scenario: str):
@@ -63,7 +57,7 @@ def _structure(name, kind, *, band: bool):
     """What the mask flags must show for a causal LM (None: not checked for other kinds)."""
     if kind != "causal_lm":
         return None
-    return {"band": band, "biases": 1 if name in ALIBI else 0}
+    return {"band": band, "biases": ALIBI.get(name, 0)}
 
 
 ALL = list(zoo.BUILDERS)

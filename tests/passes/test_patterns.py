@@ -551,3 +551,51 @@ def test_symbolic_kv_cache_offset_becomes_a_symbolic_window():
     rep = _report.last_report(since=mark)
     assert len(rep.graphs) == 1 and rep.rewritten == 1, str(rep)
     assert rep.sites[0].flags["window_right"] == "Sk-Sq" and rep.sites[0].flags["mask"] == "none"
+
+
+def test_sliding_window_cache_offset_with_max_becomes_a_symbolic_window():
+    """A sliding-window KV cache keeps its last W-1 keys: the key at column j sits at position
+    j + max(past - W + 1, 0) (transformers' sliding cache). The bounds contain a max of sizes; they reach the op
+    as SymInt windows computed in the graph, not as a dense mask, and stay right at every past length."""
+    W = 6
+
+    def fn(q, k, v, past):
+        Sq, Sk = q.shape[-2], k.shape[-2]
+        kv_offset = max(past - W + 1, 0)
+        q_pos = torch.arange(Sq)[:, None] + past
+        kv_pos = torch.arange(Sk)[None, :] + kv_offset
+        keep = (kv_pos <= q_pos) & (kv_pos > q_pos - W)
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        return s.masked_fill(~keep, torch.finfo(s.dtype).min).softmax(-1) @ v
+
+    torch._dynamo.reset()
+    mark = _report.collect()
+    compiled = torch.compile(fn, backend="flashfuse", dynamic=True, options={"inductor": False})
+    # (past, Sq, Sk): a full cache (W-1 keys + Sq new), a cache still filling up (bound = past), a long prompt
+    for past, sq, sk in ((11, 1, W), (3, 1, 4), (20, 2, W + 1), (0, 7, 7)):
+        q, k, v = qkv(S=sq, Sk=sk)
+        assert_matches_eager(lambda q, k, v: fn(q, k, v, past), (q, k, v), compiled(q, k, v, past))
+    rep = _report.last_report(since=mark)
+    assert rep.rewritten == rep.total == len(rep.graphs) >= 1, str(rep)
+    for site in rep.sites:
+        assert site.flags["mask"] == "none", site.flags
+        assert isinstance(site.flags["window_left"], str) and "Max" in site.flags["window_left"] + site.flags[
+            "window_right"], site.flags
+
+
+def test_bias_with_a_causal_mask_folded_in_keeps_the_band():
+    """Falcon's spelling: the causal mask folded into an additive bias with masked_fill; the band becomes the
+    causal flag and the bias alone stays a per-key additive mask (no Sq x Sk mask is read)."""
+    B, H, S = 2, 4, 24
+
+    def fn(q, k, v, slopes):
+        pos = torch.arange(S)
+        bias = (slopes[None, :, None, None] * pos[None, None, None, :]).expand(B, H, 1, S)  # ALiBi, [B, H, 1, S]
+        causal = torch.triu(torch.full((S, S), float("-inf")), 1)[None, None]  # additive causal mask
+        mask = torch.masked_fill(bias / 4.0, causal < -1, torch.finfo(q.dtype).min)
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        return torch.softmax(s + mask, dim=-1) @ v
+
+    q, k, v = qkv(B=B, H=H, S=S)
+    rep = check(fn, q, k, v, -torch.rand(H), flags={"causal": True, "mask": "additive", "dense_mask": False})
+    assert rep.rewritten == 1
