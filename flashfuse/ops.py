@@ -109,8 +109,14 @@ def _use_kernel(q: torch.Tensor) -> bool:
     return _interpreting() and _triton_available()
 
 
-def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mask_dtype: torch.dtype | None) -> str:
+def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mask_dtype: torch.dtype | None, *,
+                    sinks: bool = False, dropout_p: float = 0.0) -> str:
     """What the op will run for such inputs (shown in the report and the dumps)."""
+    if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
+            and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32, 64, 128, 256)
+            and os.environ.get("FLASHFUSE_SM90", "1") != "0"
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9):
+        return "flash_fwd_sm90 (triton, TMA; tuned or autotuned config) if the strides suit TMA, else flash_fwd"
     if device.type == "cuda" or (_interpreting() and _triton_available()):
         from flashfuse.kernels.flash_fwd import _interpreting as kernel_interpreting
         from flashfuse.kernels.flash_fwd import _pick_config
@@ -121,6 +127,24 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
         return (f"flash_fwd ({where}) BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} "
                 f"num_warps={cfg.num_warps} num_stages={cfg.num_stages}")
     return "reference (CPU, float32)"
+
+
+def _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks,
+                         dropout_p) -> str | None:
+    """None when the Hopper kernel (``kernels/flash_fwd_sm90.py``: TMA, tuned) computes this call, else why not.
+
+    Same semantics as ``flash_fwd`` for what it supports (no mask tensor, no sinks, fp16/bf16, a power-of-two
+    head dim, sm90); dropout stays on ``flash_fwd`` because the backward regenerates that kernel's Philox mask.
+    ``FLASHFUSE_SM90=0`` turns the path off.
+    """
+    if os.environ.get("FLASHFUSE_SM90", "1") == "0":
+        return "turned off (FLASHFUSE_SM90=0)"
+    if dropout_p:
+        return "dropout"
+    from flashfuse.kernels.flash_fwd_sm90 import supports
+
+    return supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+                    softcap=softcap, mask_fill=mask_fill, sinks=sinks)
 
 
 def _check_dropout_p(dropout_p) -> float:
@@ -159,6 +183,13 @@ def _attention(
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
     rng_state = _draw_rng_state(q, dropout_p)
+    if q.device.type == "cuda" and _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill,
+                                                        softcap, sinks, dropout_p) is None:
+        from flashfuse.kernels.flash_fwd_sm90 import flash_attention_forward_sm90
+
+        out, lse = flash_attention_forward_sm90(q, k, v, scale, window_left, window_right, softcap,
+                                                mask_fill=mask_fill)
+        return out, lse, rng_state
     if _use_kernel(q):
         from flashfuse.kernels.flash_fwd import flash_attention_forward
 

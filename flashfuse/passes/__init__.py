@@ -88,7 +88,8 @@ def _kernel_choice(site: AttentionSite) -> str:
     masks = [tensor_val(m.node) for m in site.masks]
     mask_dtype = None if not masks else (torch.bool if site.masks[0].kind == "bool" else masks[0].dtype)
     try:
-        return describe_kernel(q.device, head_dim, q.dtype, mask_dtype)
+        return describe_kernel(q.device, head_dim, q.dtype, mask_dtype, sinks=site.sinks is not None,
+                               dropout_p=site.dropout or 0.0)
     except Exception as exc:  # the report must not break a compile
         return f"unknown ({type(exc).__name__})"
 

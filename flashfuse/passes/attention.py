@@ -172,10 +172,9 @@ class _SiteFinder:
                 p, training = u.args[1], u.args[2]
                 if not isinstance(training, bool) or (training and not is_scalar(p)):
                     raise _Refuse("dropout whose probability or training flag is not a constant")
-                if training and p > 0:
-                    raise _Refuse(f"dropout in training mode (p={p}) on the attention weights is not supported yet",
-                                  hint="call model.eval() for inference; training-mode dropout is a later feature")
-                dropout_p = float(p) if training else 0.0
+                if training and not 0 <= p < 1:
+                    raise _Refuse(f"dropout with p={p} on the attention weights (the op takes 0 <= p < 1)")
+                dropout_p = float(p) if training else 0.0  # in-kernel Philox dropout, regenerated in the backward
                 chain.append(u)
                 cur = u
                 continue

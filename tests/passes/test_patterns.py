@@ -349,7 +349,37 @@ def test_gqa_expanded_copies_leave_the_graph(tmp_path):
     assert "expand" not in after and "reshape" not in after
 
 
-# -- g. dropout in eval mode --------------------------------------------------------------------------
+# -- g. dropout --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p,inductor", [(0.1, False), (0.5, False), (0.2, True)])
+def test_training_dropout_becomes_the_ops_dropout(p, inductor):
+    """Training-mode dropout on the probabilities is the op's in-kernel dropout: with the same seed the compiled
+    graph gives exactly what the op gives (one draw from torch's generator each), forward and gradients; the
+    op's own dropout is tested for keep rate, unbiasedness and its mask in tests/kernels/test_dropout.py."""
+    import flashfuse
+
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        s = s.masked_fill(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).tril().logical_not(), NEG_INF)
+        return F.dropout(s.softmax(-1), p=p, training=True) @ v
+
+    q, k, v = (t.requires_grad_() for t in qkv(S=20, H=4))
+    torch.manual_seed(1234)
+    out, rep = compile_and_report(fn, q, k, v, inductor=inductor)
+    site = only_site(rep)
+    assert site.rewritten and site.flags["dropout"] == p and site.flags["causal"], str(rep)
+    torch.manual_seed(1234)
+    want = flashfuse.attention(q, k, v, scale=0.25, causal=True, dropout_p=p)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # about a fraction p of the kept probabilities were dropped: the output differs from p = 0
+    assert not torch.allclose(out, flashfuse.attention(q, k, v, scale=0.25, causal=True), atol=1e-3)
+
+
+# -- dropout in eval mode
 def test_eval_dropout_is_identity():
     def fn(q, k, v):
         p = F.dropout(((q @ k.transpose(-2, -1)) * 0.25).softmax(-1), p=0.2, training=False)
