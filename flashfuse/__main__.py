@@ -3,6 +3,8 @@
 The script compiles its model with ``backend="flashfuse"`` as usual; every graph it compiles is dumped
 under ``FLASHFUSE_DEBUG_DIR`` (default: ``./flashfuse_debug``) and the summary table of every attention
 site is printed when the script ends.
+
+``python -m flashfuse bench [options]`` is ``python -m flashfuse.bench``: the attention benchmark table.
 """
 
 from __future__ import annotations
@@ -52,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "explain":
         return _explain(rest)
     if command == "bench":
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "attention.py")
-        sys.argv = [here, *rest]
-        runpy.run_path(here, run_name="__main__")
-        return 0
+        from flashfuse.bench import main as bench_main
+
+        return bench_main(rest)
     print(f"unknown command {command!r}; commands: explain, bench", file=sys.stderr)
     return 2
 
