@@ -14,11 +14,14 @@ What is measured (one row per case, one column per method):
   backward. Times are ``triton.testing.do_bench`` means (L2 flushed between calls).
 - peak memory: the most memory one call allocates on top of what was allocated before it (its outputs,
   workspaces, saved activations; the inputs are not counted), MiB.
-- methods: ``flashfuse`` (the Triton kernels called directly: the kernel's own row), ``sdpa_cudnn`` and
-  ``sdpa_flash`` (``F.scaled_dot_product_attention`` held to one backend), ``flex`` (compiled
-  ``flex_attention`` with a block mask), ``torch_compile`` (plain ``torch.compile`` on the naive code),
-  ``eager`` (the naive code). Optional: ``flashfuse_op`` (``flashfuse.attention``, the op a compiled model
-  runs, dispatch included) and ``flashfuse_compile`` (``torch.compile(naive, backend="flashfuse")``).
+- methods: ``flashfuse`` (flashfuse's Triton kernels called directly, the one the op would pick:
+  ``flash_fwd_sm90`` on Hopper where it supports the call, else ``flash_fwd``; ``flash_bwd`` for the
+  backward; the CSV's ``flashfuse_note`` names it), ``sdpa_cudnn`` and ``sdpa_flash``
+  (``F.scaled_dot_product_attention`` held to one backend), ``flex`` (compiled ``flex_attention`` with a
+  block mask), ``torch_compile`` (plain ``torch.compile`` on the naive code), ``eager`` (the naive code).
+  Optional: ``flashfuse_portable`` (always ``flash_fwd``), ``flashfuse_op`` (``flashfuse.attention``, the
+  op a compiled model runs, dispatch included) and ``flashfuse_compile`` (``torch.compile(naive,
+  backend="flashfuse")``).
   A peer that cannot run a case (a backend that refuses a head dim, GQA or a mask; out of memory) gets
   ``n/a`` or ``OOM`` and its reason in the notes under the table; the run goes on.
 - correctness: every flashfuse row is compared, in the same run, with SDPA in float32 (memory-efficient
@@ -61,7 +64,7 @@ import torch.nn.functional as F
 __all__ = ["FAMILIES", "METHODS", "Case", "build_cases", "main", "naive_attention", "plot", "run"]
 
 METHODS = ("flashfuse", "sdpa_cudnn", "sdpa_flash", "flex", "torch_compile", "eager")
-EXTRA_METHODS = ("flashfuse_op", "flashfuse_compile")
+EXTRA_METHODS = ("flashfuse_portable", "flashfuse_op", "flashfuse_compile")
 GPU_ONLY = ("sdpa_cudnn", "sdpa_flash", "flex")
 FAMILIES = ("full", "causal", "gqa", "gqa_causal", "window")
 MODES = {"fwd": 1.0, "fwdbwd": 3.5}  # FLOPs as a multiple of the forward's
@@ -191,6 +194,7 @@ class Unavailable(Exception):
 class Method:
     fn: Callable[[], object]  # one call: the forward, or forward + backward
     context: Callable[[], contextlib.AbstractContextManager] | None = None  # entered around every call of fn
+    kernel: str = ""  # flashfuse rows: which kernel ran
 
 
 @dataclass
@@ -298,23 +302,44 @@ def _naive(case: Case, t: Inputs, mode: str, backend: str | None):
     return _autograd(lambda q, k, v: fn(q, k, v, case.causal, case.window), t, mode)
 
 
-def _flashfuse_kernel(case: Case, t: Inputs, mode: str):
-    if t.q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise Unavailable("no GPU (TRITON_INTERPRET=1 runs the kernel in the interpreter)")
+def _hopper_kernel_applies(q: torch.Tensor) -> bool:
+    """The op's rule: on a CUDA device, the Hopper kernel is tried first (``FLASHFUSE_SM90=0`` turns it off)."""
+    return q.device.type == "cuda" and os.environ.get("FLASHFUSE_SM90", "1") != "0"
+
+
+def _flashfuse_forward(case: Case, q, k, v, portable: bool):
+    """``(kernel name, forward)``: the forward the op runs for these inputs -- ``flash_fwd_sm90`` (TMA, tuned)
+    where it supports the call on Hopper, else ``flash_fwd`` -- or always ``flash_fwd`` when ``portable``."""
+    kw = {"scale": case.scale, "window_left": case.window_left, "window_right": case.window_right}
+    if not portable and _hopper_kernel_applies(q):
+        try:
+            from flashfuse.kernels.flash_fwd_sm90 import flash_attention_forward_sm90, supports
+        except ImportError:
+            supports = None
+        if supports is not None and supports(q, k, v, **kw) is None:
+            return "flash_fwd_sm90", lambda: flash_attention_forward_sm90(q, k, v, **kw)
     from flashfuse.kernels.flash_fwd import flash_attention_forward
 
+    return "flash_fwd", lambda: flash_attention_forward(q, k, v, **kw)
+
+
+def _flashfuse_kernel(case: Case, t: Inputs, mode: str, portable: bool = False) -> Method:
+    if t.q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Unavailable("no GPU (TRITON_INTERPRET=1 runs the kernel in the interpreter)")
     q, k, v = t.q.detach(), t.k.detach(), t.v.detach()
-    kw = {"scale": case.scale, "window_left": case.window_left, "window_right": case.window_right}
+    kernel, forward = _flashfuse_forward(case, q, k, v, portable)
     if mode == "fwd":
-        return lambda: flash_attention_forward(q, k, v, **kw)[0]
+        return Method(lambda: forward()[0], kernel=kernel)
     from flashfuse.kernels.flash_bwd import flash_attention_backward
 
-    def step():
-        out, lse = flash_attention_forward(q, k, v, **kw)
+    kw = {"scale": case.scale, "window_left": case.window_left, "window_right": case.window_right}
+
+    def step():  # what the op's autograd runs: the forward above, then the Triton backward on its (out, lse)
+        out, lse = forward()
         dq, dk, dv = flash_attention_backward(t.dout, q, k, v, None, out, lse, **kw)[:3]
         return out, dq, dk, dv
 
-    return step
+    return Method(step, kernel=f"{kernel} + flash_bwd")
 
 
 def _flashfuse_op(case: Case, t: Inputs, mode: str):
@@ -334,6 +359,8 @@ def _make_fn(name: str, case: Case, t: Inputs, mode: str):
         raise Unavailable("GPU only (skipped on the CPU)")
     if name == "flashfuse":
         return _flashfuse_kernel(case, t, mode)
+    if name == "flashfuse_portable":
+        return _flashfuse_kernel(case, t, mode, portable=True)
     if name == "flashfuse_op":
         return _flashfuse_op(case, t, mode)
     if name in ("sdpa_cudnn", "sdpa_flash"):
@@ -410,6 +437,7 @@ def measure_method(name: str, case: Case, t: Inputs, mode: str, device: str, war
             if method.context is not None:
                 stack.enter_context(method.context())
             fn = method.fn
+            m.note = method.kernel
             m.first_s, m.ms, m.mem_mib, m.result = _measure(name, fn, device, warmup, rep, start)
     except Unavailable as exc:
         m.status, m.note = ("skip" if "GPU only" in str(exc) else "n/a"), str(exc)
@@ -591,7 +619,8 @@ def run_row(case: Case, methods, mode: str, device: str, warmup: int, rep: int, 
                 check.worst = f"{name} {check.worst}"
             row.checks[name] = check
             m.result = None
-        progress(f" | {name} {_cell(row, name, factor) if m.ms is not None else m.status}", end="")
+        kernel = f" [{m.note}]" if name.startswith("flashfuse") and m.status == "ok" and m.note else ""
+        progress(f" | {name}{kernel} {_cell(row, name, factor) if m.ms is not None else m.status}", end="")
         if _fatal(m):
             break
     del t
@@ -624,6 +653,13 @@ def format_table(rows: list[Row], methods, mode: str) -> str:
     for row in sorted(rows, key=lambda r: r.case.natural()):
         cells = [row.case.label(), *(_cell(row, m, factor) for m in methods), _check_cell(row.check)]
         lines.append("| " + " | ".join(cells) + " |")
+    kernels: dict[str, int] = {}
+    for row in rows:
+        cell = row.cells.get("flashfuse")
+        if cell is not None and cell.status == "ok" and cell.note:
+            kernels[cell.note] = kernels.get(cell.note, 0) + 1
+    if kernels:
+        lines += ["", "flashfuse ran " + ", ".join(f"{k} ({n} rows)" for k, n in kernels.items())]
     # the reasons, once per (method, reason)
     notes: dict[tuple[str, str], list[str]] = {}
     for row in rows:

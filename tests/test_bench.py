@@ -140,3 +140,14 @@ def test_models_tiny(tmp_path, capsys, monkeypatch):
     assert all(r["sites"] == "1/1" and _positive(r["compile_s"]) and float(r["passes_s"]) > 0 for r in ff), ff
     assert float(next(r for r in ff if r["task"] == "prefill")["check"]) < 1e-3  # logits vs eager
     assert "| task | method | ms |" in out and "compile, prefill: flashfuse" in out
+
+
+def test_hopper_kernel_row(tmp_path, monkeypatch):
+    # as on an H100: the flashfuse row runs flash_fwd_sm90 (here in the interpreter), portable stays flash_fwd
+    monkeypatch.setattr(bench, "_hopper_kernel_applies", lambda q: True)
+    path = tmp_path / "sm90.csv"
+    code = bench.main([*TINY, "--cases", "window", "--methods", "flashfuse,flashfuse_portable", "--csv", str(path)])
+    assert code == 0
+    (row,) = _rows(path)
+    assert row["flashfuse_note"] == "flash_fwd_sm90" and row["flashfuse_portable_note"] == "flash_fwd", row
+    assert row["check"] == "ok" and _positive(row["flashfuse_tflops"]), row
