@@ -1,0 +1,655 @@
+"""Flash-decoding: split-KV attention for short queries (``Sq <= 16``) against a long key/value cache.
+
+Algorithm (Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference", 2023; the GQA packing is
+FlashAttention-2's and FlashInfer's): in token-by-token generation a query has 1 to 16 rows, so a prefill
+kernel (``flash_fwd``: one program per 128 query rows of one head) starts ``B * Hq`` programs that each
+walk the whole cache alone, and reads every K/V head ``Hq / Hkv`` times. This file does two things instead:
+
+* **GQA packing**: one program owns one key/value head and ALL its query heads. The ``Hq / Hkv`` heads x
+  ``Sq`` rows are stacked as the M dimension of the dot (row ``r`` is head ``hkv * G + r // Sq``, query
+  ``r % Sq``; padded to at least 16, the smallest ``tl.dot`` M), so K and V are loaded once per group.
+  Large groups (MQA with 64 heads x 16 rows) are cut into several row blocks.
+* **split-KV**: the keys the band can reach are cut into ``num_splits`` chunks of whole blocks, and the
+  grid is ``(num_splits, row blocks, B * Hkv)``. Each program runs FlashAttention-2's online softmax over
+  its chunk and writes its unnormalised partial state ``(acc, m, l)`` in float32. A second small kernel
+  merges the partials of each row by their maxima: ``M = max_s m_s``, ``L = sum_s l_s exp(m_s - M)``,
+  ``out = sum_s acc_s exp(m_s - M) / L``, ``lse = M + log L`` -- exactly the state one sequential pass would
+  have reached, up to float32 rounding of the order of the sums.
+
+Semantics are ``flash_fwd.flash_attention_forward``'s (and so ``flashfuse.testing.attention_ref``'s), with
+its conventions: scores in base 2 with ``log2(e)`` folded into the scale, natural units with an additive
+mask; softcap through exp2; bool or additive masks read through four strides; the band
+``-window_left <= j - i <= window_right`` (keys no row can reach are not split at all, so a sliding window
+puts every program on the window; blocks inside the band skip the elementwise test); a fully masked row is
+NaN with a ``-inf`` fill, the mean of ``v`` with a finite one (rule 6); ``sinks`` are the merge's starting
+state ``(m, l) = (sink, 1)``. ``lse`` is the natural log-sum-exp, float32 ``[B, Hq, Sq]``.
+
+NOTE: the mean of ``v`` for rule 6 needs all ``Sk`` keys. When the band reaches every key (no window; a
+bottom-right causal mask), the split programs add up their V tiles as they go (V is in registers anyway)
+and the merge divides by ``Sk``: no second pass over the cache, which for an HF-style call (finite fill)
+would be half again the bytes of the kernel. With a window the launcher takes ``torch.mean(v)``, as
+``flash_fwd`` always does.
+
+Credits: Tri Dao, Daniel Haziza, Francisco Massa, Grigory Sizov, "Flash-Decoding for long-context
+inference" (PyTorch blog, 2023); Tri Dao, "FlashAttention-2" (2023); Triton's ``06-fused-attention.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from flashfuse.kernels.flash_fwd import (
+    _DTYPES,
+    _LOG2E,
+    _MASK_ADD,
+    _MASK_BOOL,
+    _MASK_NONE,
+    _MAX_HEAD_DIM,
+    _MIN_HEAD_DIM,
+    _downcast,
+    _exp,
+    _mma,
+    _tanh,
+    _validate,
+    _validate_sinks,
+)
+
+__all__ = ["DecodeConfig", "DecodePlan", "choose_splits", "flash_decode_forward", "plan", "supports"]
+
+log = logging.getLogger(__name__)
+
+# The decode kernel applies up to this many query rows; beyond, a prefill tile (128 rows) is full anyway.
+MAX_QUERY_LEN = 16
+# Below this many keys one prefill program per (head, row block) is already short; splitting buys nothing.
+MIN_KV_LEN = 256
+# Splits never hold fewer keys than this: each program's fixed cost (Q load, partial store, its share of the
+# merge) must stay small next to its K/V bytes (128 keys x D=128 x bf16 x (K + V) = 64 KB).
+MIN_CHUNK = 128
+MAX_SPLITS = 128
+# float32 partial state per (row, split): the merge reads it in chunks of this many splits
+_MERGE_BLOCK_S = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_inner(
+    acc, l_i, m_i, vsum, q,
+    K_head, V_head, Mask_rows,
+    start, end,
+    offs_i, offs_n, offs_d, offs_dv, row_ok,
+    Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, VSUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """Visit key blocks ``[start, end)``: flash_fwd's ``_attn_fwd_inner`` with per-row query indices.
+
+    ``offs_i`` is each packed row's query index (rows of several heads share indices); ``Mask_rows`` holds
+    one pointer per row (its head's and query's mask row). ``EDGE`` blocks get the band and bounds test.
+    """
+    k_mask = offs_d[:, None] < HEAD_DIM
+    v_mask = offs_dv[None, :] < HEAD_DIM_V
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        n64 = tl.cast(start_n, tl.int64)
+        k_ptrs = K_head + n64 * stride_kn + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
+        v_ptrs = V_head + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+        if EDGE:
+            col_ok = cols < Sk
+            k = tl.load(k_ptrs, mask=k_mask & col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & v_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+
+        qk = _mma(q, k, DOT_PRECISION, INTERPRET_BF16)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * softcap_in) * softcap_out
+        else:
+            s = qk * qk_scale
+
+        if MASK_KIND != 0:
+            m_ptrs = Mask_rows[:, None] + (n64 * stride_mask_n + offs_n[None, :] * stride_mask_n)
+            if EDGE:
+                mvals = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            else:
+                mvals = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
+            if MASK_KIND == 1:
+                s = tl.where(mvals != 0, s, float("-inf"))
+            else:
+                s = s + mvals.to(tl.float32)
+
+        if EDGE:
+            diff = cols[None, :] - offs_i[:, None]
+            keep = (diff >= -window_left) & (diff <= window_right) & col_ok[None, :]
+            s = tl.where(keep, s, float("-inf"))
+
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = _exp(s - m_safe[:, None], MASK_KIND == 2)
+        alpha = _exp(m_i - m_safe, MASK_KIND == 2)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc += _mma(_downcast(p, v.dtype, INTERPRET_BF16), v, DOT_PRECISION, INTERPRET_BF16)
+        m_i = m_ij
+        if VSUM:
+            vsum += tl.sum(v.to(tl.float32), 0)
+    return acc, l_i, m_i, vsum
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_m: int  # the most packed (head, query) rows per program; fewer when the group is smaller
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return type(_decode_split).__name__ == "InterpretedFunction"
+
+
+def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """One config per (padded head dim, dtype). A guess for a memory-bound loop, to be tuned on the GPU.
+
+    Decode is a stream of K/V bytes: the tile only needs to keep enough loads in flight (num_stages x
+    (K + V tile) = 3 x 32 KB at BLOCK_N = 64, D = 128, bf16) while the tiny M = 16 dot hides under them.
+    """
+    if _interpreting() or device.type != "cuda":
+        # every tl op is a numpy call: small tiles, several blocks per chunk at the tests' lengths
+        return DecodeConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    block_d = max(16, triton.next_power_of_2(D))
+    if dtype == torch.float32:
+        return DecodeConfig(32, 32, 4, 2)  # FMA dots (ieee): compile time grows with the tile
+    if block_d <= 128:
+        return DecodeConfig(64, 64, 4, 3)
+    return DecodeConfig(64, 32, 4, 3)
+
+
+def _smaller(cfg: DecodeConfig) -> DecodeConfig | None:
+    """The next config to try after a shared-memory overflow: fewer stages, then smaller tiles."""
+    if cfg.num_stages > 2:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 16:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > 16:
+        return replace(cfg, block_m=cfg.block_m // 2)
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=1)
+    return None
+
+
+# (D, Dv, dtype, mask dtype, device) -> the config that compiled
+_FITTED: dict[tuple, DecodeConfig] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a handful of splits, so tests see several without a long run
+
+
+def choose_splits(programs: int, kv_len: int, sm_count: int, *, min_chunk: int = MIN_CHUNK,
+                  max_splits: int = MAX_SPLITS) -> int:  # fmt: skip
+    """How many chunks to cut ``kv_len`` keys into when ``programs`` (B x Hkv x row blocks) share them.
+
+    Aim at two programs per SM (two waves' worth of work; with 2+ resident per SM they run as one), never
+    cut below ``min_chunk`` keys a split, never more than ``max_splits``. H100 (132 SMs), Hkv = 8:
+    B = 1 -> 33 wanted, 32 at 4k keys; B = 16 -> 3; B = 64 -> 1 (the batch fills the GPU alone).
+    """
+    if kv_len <= 0 or programs <= 0:
+        return 1
+    want = triton.cdiv(2 * sm_count, programs)
+    return max(1, min(want, kv_len // max(min_chunk, 1), max_splits))
+
+
+def supports(
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    scale: float | None = None,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    mask_fill: float = float("-inf"),
+    softcap: float = 0.0,
+    sinks=None,
+    dropout_p: float = 0.0,
+    min_kv_len: int = MIN_KV_LEN,
+) -> str | None:
+    """None if the decode kernel should compute this call, else the reason it should not.
+
+    Cheap (shapes, dtypes, devices). Takes the op's arguments; every mask, window, fill, softcap and sink
+    the prefill kernel supports is supported here, so only the shape, dropout and the device decide.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name}: expected a 4-D tensor"
+    if dropout_p:
+        return "dropout (the backward regenerates flash_fwd's Philox mask)"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype}: needs float16, bfloat16 or float32 for all three"
+    if not (q.device == k.device == v.device):
+        return "q/k/v on different devices"
+    if q.device.type != "cuda" and not _interpreting():
+        return f"device {q.device}: needs CUDA (or TRITON_INTERPRET=1)"
+    if q.device.type == "cuda" and _interpreting():
+        return "TRITON_INTERPRET=1 with CUDA tensors"
+    _, Hq, Sq, D = q.shape
+    Sk, Dv = v.shape[2], v.shape[3]
+    if Sq > MAX_QUERY_LEN:
+        return f"Sq = {Sq} > {MAX_QUERY_LEN}: a prefill, not a decode step"
+    if Sk < min_kv_len:
+        return f"Sk = {Sk} < {min_kv_len}: too short to split"
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        return f"Hq ({Hq}) not a multiple of Hkv ({k.shape[1]})"
+    if not (_MIN_HEAD_DIM <= D <= _MAX_HEAD_DIM and _MIN_HEAD_DIM <= Dv <= _MAX_HEAD_DIM):
+        return f"head dims {D}/{Dv}: needs {_MIN_HEAD_DIM}..{_MAX_HEAD_DIM}"
+    return None
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one call is cut: the grid is ``(num_splits, m_blocks, B * Hkv)``."""
+
+    config: DecodeConfig
+    block_m: int  # packed rows per program (the config's block_m, or less for a small group)
+    m_blocks: int  # row blocks per (b, hkv): cdiv(Hq / Hkv * Sq, block_m)
+    num_splits: int
+    chunk: int  # keys per split, a multiple of BLOCK_N
+    kv_lo: int  # first key any row can reach, aligned down to BLOCK_N
+    kv_hi: int  # one past the last such key
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"num_splits={self.num_splits} chunk={self.chunk} keys={self.kv_lo}..{self.kv_hi} "
+            f"BLOCK_M={self.block_m}x{self.m_blocks} BLOCK_N={c.block_n} num_warps={c.num_warps} "
+            f"num_stages={c.num_stages}"
+        )
+
+
+def _clamp_band(Sq: int, Sk: int, window_left, window_right) -> tuple[int, int]:
+    # unbounded windows become bounds no (i, j) pair can cross; clamping keeps the arithmetic inside int32
+    wl = Sq if window_left is None else max(min(window_left, Sq), -Sk)
+    wr = Sk if window_right is None else max(min(window_right, Sk), -Sq)
+    return wl, wr
+
+
+def _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device) -> DecodePlan:
+    rows = groups * Sq
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
+    m_blocks = triton.cdiv(rows, block_m)
+    # keys some query row can reach: j in [0 - wl, Sq - 1 + wr], cut to [0, Sk); the start aligned down to
+    # BLOCK_N so that every block of every chunk is aligned (chunks are whole blocks). A sliding window thus
+    # puts all splits on the window; keys before it are never read.
+    band_lo, band_hi = max(0, -wl), min(Sk, Sq + wr)
+    kv_lo = band_lo // cfg.block_n * cfg.block_n
+    kv_len = max(band_hi - kv_lo, 0)
+    if num_splits is None:
+        num_splits = choose_splits(B * Hkv * m_blocks, kv_len, _sm_count(device))
+    chunk = max(triton.cdiv(triton.cdiv(kv_len, num_splits), cfg.block_n), 1) * cfg.block_n
+    splits = max(triton.cdiv(kv_len, chunk), 1)  # no empty split
+    return DecodePlan(cfg, block_m, m_blocks, splits, chunk, kv_lo, kv_lo + kv_len)
+
+
+def plan(q, k, v, mask=None, *, window_left=None, window_right=None, num_splits=None) -> DecodePlan:
+    """The cut ``flash_decode_forward`` makes for these inputs (for reports and benchmarks; shapes only)."""
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    mask_dtype = None if mask is None else (torch.uint8 if mask.dtype == torch.bool else mask.dtype)
+    cfg = _FITTED.get((D, Dv, q.dtype, mask_dtype, q.device)) or _pick_config(max(D, Dv), q.dtype, q.device)
+    wl, wr = _clamp_band(Sq, Sk, window_left, window_right)
+    return _plan(cfg, B, Hkv, Hq // Hkv, Sq, Sk, wl, wr, num_splits, q.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, Mask, PartAcc, PartM, PartL, PartVSum,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+    Hkv, GROUPS, Sq, Sk, kv_lo, kv_hi, chunk, num_splits, in_lo, in_hi,
+    qk_scale, softcap_in, softcap_out, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, VSUM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    off_bh = tl.program_id(2)  # b * Hkv + hkv
+    off_b = off_bh // Hkv
+    off_hkv = off_bh % Hkv
+
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    softcap_in = tl.cast(softcap_in, tl.float32)
+    softcap_out = tl.cast(softcap_out, tl.float32)
+
+    # packed rows: r = g * Sq + i for query head hkv * GROUPS + g and query i
+    R = GROUPS * Sq
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < R
+    offs_i = offs_r % Sq
+    offs_h = off_hkv * GROUPS + offs_r // Sq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    b64 = tl.cast(off_b, tl.int64)
+    hkv64 = tl.cast(off_hkv, tl.int64)
+    h64 = offs_h.to(tl.int64)
+    i64 = offs_i.to(tl.int64)
+    q_rows = Q + b64 * stride_qb + h64 * stride_qh + i64 * stride_qm
+    q = tl.load(
+        q_rows[:, None] + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0
+    )
+    K_head = K + b64 * stride_kb + hkv64 * stride_kh
+    V_head = V + b64 * stride_vb + hkv64 * stride_vh
+    Mask_rows = Mask + b64 * stride_mask_b + h64 * stride_mask_h + i64 * stride_mask_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    vsum = tl.zeros([BLOCK_DV], dtype=tl.float32)
+
+    # this program's keys [c_lo, c_hi): kv_lo and chunk are multiples of BLOCK_N, so every block is aligned
+    c_lo = kv_lo + pid_s * chunk
+    c_hi = tl.minimum(c_lo + chunk, kv_hi)
+    # keys in [in_lo, in_hi) are inside the band for every query 0..Sq-1 (launcher: in_lo rounded up to a block):
+    # whole blocks of them skip the elementwise test; everything else in the chunk is an EDGE block
+    full_lo = tl.maximum(c_lo, in_lo)
+    full_hi = (tl.maximum(tl.minimum(c_hi, in_hi), 0) // BLOCK_N) * BLOCK_N
+    has_full = full_hi >= full_lo
+    full_lo = tl.where(has_full, full_lo, c_lo)
+    full_hi = tl.where(has_full, full_hi, c_lo)
+
+    # fmt: off
+    acc, l_i, m_i, vsum = _decode_inner(
+        acc, l_i, m_i, vsum, q, K_head, V_head, Mask_rows, c_lo, full_lo,
+        offs_i, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, DOT_PRECISION, INTERPRET_BF16,
+    )
+    acc, l_i, m_i, vsum = _decode_inner(
+        acc, l_i, m_i, vsum, q, K_head, V_head, Mask_rows, full_lo, full_hi,
+        offs_i, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, VSUM, DOT_PRECISION, INTERPRET_BF16,
+    )
+    acc, l_i, m_i, vsum = _decode_inner(
+        acc, l_i, m_i, vsum, q, K_head, V_head, Mask_rows, full_hi, c_hi,
+        offs_i, offs_n, offs_d, offs_dv, row_ok,
+        Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+        qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, DOT_PRECISION, INTERPRET_BF16,
+    )
+    # fmt: on
+
+    # partial state, float32, rows of all heads flat: (b * Hq + h) * Sq + i = off_bh * R + r
+    flat = tl.cast(off_bh, tl.int64) * R + offs_r
+    part = flat * num_splits + pid_s
+    tl.store(
+        PartAcc + part[:, None] * HEAD_DIM_V + offs_dv[None, :],
+        acc,
+        mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+    )
+    tl.store(PartM + part, m_i, mask=row_ok)
+    tl.store(PartL + part, l_i, mask=row_ok)
+    if VSUM:  # noqa: SIM102 (a constexpr test, then a runtime one: not one `and`)
+        if pid_m == 0:
+            vs = (tl.cast(off_bh, tl.int64) * num_splits + pid_s) * HEAD_DIM_V
+            tl.store(PartVSum + vs + offs_dv, vsum, mask=offs_dv < HEAD_DIM_V)
+
+
+@triton.jit
+def _decode_merge(
+    PartAcc, PartM, PartL, PartVSum, VMean, Sinks, Out, LSE,
+    stride_vmb, stride_vmh, stride_vmd, stride_sink,
+    Hq, Hkv, GROUPS, Sq, Sk, num_splits,
+    fill_thr, fill_lse, sink_unit, inv_sk,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    NATURAL: tl.constexpr, FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr, VSUM: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """One program per output row ``(b, h, i)``: merge the row's ``num_splits`` partial states."""
+    row = tl.cast(tl.program_id(0), tl.int64)  # (b * Hq + h) * Sq + i; out and lse are contiguous
+    fill_thr = tl.cast(fill_thr, tl.float32)
+    fill_lse = tl.cast(fill_lse, tl.float32)
+    sink_unit = tl.cast(sink_unit, tl.float32)
+    inv_sk = tl.cast(inv_sk, tl.float32)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEAD_DIM_V
+    base = row * num_splits
+
+    # pass 1: the row max over all splits (and the sink: flash_fwd's starting state m_i = sink)
+    if HAS_SINKS:
+        h = (row // Sq) % Hq
+        sink = tl.load(Sinks + h * stride_sink).to(tl.float32) * sink_unit
+        m_max = sink
+    else:
+        m_max = tl.full([], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m_s = tl.load(PartM + base + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m_s, 0))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    # pass 2: rescale and add; a split that kept nothing has m = -inf, l = 0, acc = 0 and adds 0
+    if HAS_SINKS:
+        l_sum = _exp(sink - m_safe, NATURAL)
+    else:
+        l_sum = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        m_s = tl.load(PartM + base + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(PartL + base + s0 + offs_s, mask=s_ok, other=0.0)
+        w = _exp(m_s - m_safe, NATURAL)
+        l_sum += tl.sum(l_s * w, 0)
+        a_ptrs = PartAcc + (base + s0 + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :]
+        a_s = tl.load(a_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc += tl.sum(a_s * w[:, None], 0)
+
+    # epilogue: flash_fwd's, on the merged state
+    out = acc / l_sum
+    if NATURAL:
+        lse = m_max + tl.log2(l_sum) * 0.6931471805599453
+    else:
+        lse = (m_max + tl.log2(l_sum)) * 0.6931471805599453
+    if FINITE_FILL:
+        empty = (l_sum == 0.0) | (m_max <= fill_thr)
+        bhkv = row // (GROUPS * Sq)  # b * Hkv + hkv
+        if VSUM:
+            vmean = tl.zeros([BLOCK_DV], dtype=tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                s_ok = s0 + offs_s < num_splits
+                v_ptrs = PartVSum + (bhkv * num_splits + s0 + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :]
+                vmean += tl.sum(tl.load(v_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0), 0)
+            vmean = vmean * inv_sk
+        else:
+            vmean = tl.load(
+                VMean + (bhkv // Hkv) * stride_vmb + (bhkv % Hkv) * stride_vmh + offs_dv * stride_vmd,
+                mask=dv_ok,
+                other=0.0,
+            )
+        out = tl.where(empty, vmean, out)
+        lse = tl.where(empty, fill_lse, lse)
+    tl.store(Out + row * HEAD_DIM_V + offs_dv, _downcast(out, Out.dtype.element_ty, INTERPRET_BF16), mask=dv_ok)
+    tl.store(LSE + row, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _launch(kernel, grid, device, args, meta):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def flash_decode_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    mask_fill: float = float("-inf"),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """returns (out [B,Hq,Sq,Dv] in q.dtype, contiguous; lse [B,Hq,Sq] float32), as ``flash_attention_forward``
+
+    Same arguments and semantics as ``flash_fwd.flash_attention_forward`` without dropout; meant for
+    ``Sq <= 16`` (``supports``) but correct for any ``Sq``. ``num_splits`` (None: ``choose_splits``) is a
+    request: it is capped so that no split is empty. Bad arguments raise ``ValueError`` naming the argument.
+    """
+    _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
+    _validate_sinks(q, sinks)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    groups = Hq // Hkv
+    device = q.device
+    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out, lse
+
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = _MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        mask_arg = torch.broadcast_to(mask, (B, Hq, Sq, Sk))  # stride-0 views: never materialised
+        if mask.dtype == torch.bool:
+            mask_kind, mask_arg = _MASK_BOOL, mask_arg.view(torch.uint8)
+        else:
+            mask_kind = _MASK_ADD
+        mask_strides = mask_arg.stride()
+    score_unit = 1.0 if mask_kind == _MASK_ADD else _LOG2E
+
+    wl, wr = _clamp_band(Sq, Sk, window_left, window_right)
+    mask_fill = float(mask_fill)
+    finite_fill = math.isfinite(mask_fill) and sinks is None  # rule 6 (not with sinks: rule 8)
+    softcap = float(softcap)
+    has_softcap = softcap > 0
+    interpreted_bf16 = _interpreting() and q.dtype == torch.bfloat16
+
+    cfg_key = (D, Dv, q.dtype, None if mask is None else mask_arg.dtype, device)
+    cfg = _FITTED.get(cfg_key) or _pick_config(max(D, Dv), q.dtype, device)
+
+    while True:
+        pl = _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device)
+        splits, chunk, kv_lo, kv_hi = pl.num_splits, pl.chunk, pl.kv_lo, pl.kv_hi
+        # keys inside the band for every row: j >= Sq - 1 - wl and j <= wr (and j < Sk)
+        in_lo = triton.cdiv(max(Sq - 1 - wl, 0), cfg.block_n) * cfg.block_n
+        in_hi = max(min(wr + 1, Sk), 0)
+
+        # rule 6 needs the mean of v over all Sk keys: from the split programs when their chunks cover them all
+        vsum = finite_fill and kv_lo == 0 and kv_hi == Sk
+        if finite_fill and not vsum:
+            vmean = torch.mean(v, dim=-2, dtype=torch.float32)
+            vmean_strides = vmean.stride()
+        else:
+            vmean, vmean_strides = lse, (0, 0, 0)
+        fill_thr = mask_fill / 2 * score_unit if finite_fill else 0.0
+        fill_lse = mask_fill + (math.log(Sk) if Sk > 0 else -math.inf) if finite_fill else 0.0
+
+        n_rows = B * Hq * Sq
+        part_acc = torch.empty((n_rows, splits, Dv), dtype=torch.float32, device=device)
+        part_m = torch.empty((n_rows, splits), dtype=torch.float32, device=device)
+        part_l = torch.empty((n_rows, splits), dtype=torch.float32, device=device)
+        part_vsum = torch.empty((B * Hkv, splits, Dv), dtype=torch.float32, device=device) if vsum else part_m
+
+        # fmt: off
+        split_args = (
+            q, k, v, mask_arg, part_acc, part_m, part_l, part_vsum,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            Hkv, groups, Sq, Sk, kv_lo, kv_hi, chunk, splits, in_lo, in_hi,
+            float(scale) * score_unit,
+            float(scale) / softcap if has_softcap else 0.0,
+            softcap * score_unit,
+            wl, wr,
+        )
+        # fmt: on
+        split_meta = {
+            "HEAD_DIM": D,
+            "HEAD_DIM_V": Dv,
+            "BLOCK_D": max(16, triton.next_power_of_2(D)),
+            "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
+            "BLOCK_M": pl.block_m,
+            "BLOCK_N": cfg.block_n,
+            "MASK_KIND": mask_kind,
+            "HAS_SOFTCAP": has_softcap,
+            "VSUM": vsum,
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "INTERPRET_BF16": interpreted_bf16,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        }
+        try:
+            _launch(_decode_split, (splits, pl.m_blocks, B * Hkv), device, split_args, split_meta)
+            break
+        except OutOfResources as e:
+            smaller = _smaller(cfg)
+            if smaller is None:
+                raise
+            log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, smaller)
+            cfg = smaller
+    _FITTED[cfg_key] = cfg
+
+    # fmt: off
+    merge_args = (
+        part_acc, part_m, part_l, part_vsum, vmean, lse if sinks is None else sinks, out, lse,
+        *vmean_strides, 0 if sinks is None else sinks.stride(0),
+        Hq, Hkv, groups, Sq, Sk, splits,
+        fill_thr, fill_lse, score_unit, 1.0 / Sk if Sk > 0 else math.nan,
+    )
+    # fmt: on
+    merge_meta = {
+        "HEAD_DIM_V": Dv,
+        "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
+        "BLOCK_S": _MERGE_BLOCK_S,
+        "NATURAL": mask_kind == _MASK_ADD,
+        "FINITE_FILL": finite_fill,
+        "HAS_SINKS": sinks is not None,
+        "VSUM": vsum,
+        "INTERPRET_BF16": interpreted_bf16,
+        "num_warps": 1 if Dv <= 64 else 2,
+    }
+    _launch(_decode_merge, (n_rows,), device, merge_args, merge_meta)
+    return out, lse

@@ -1,0 +1,466 @@
+"""Tests for ``flashfuse/kernels/flash_decode.py`` (split-KV decode) against ``attention_ref`` and ``flash_fwd``.
+
+The numerics rule of test_flash_fwd.py (STYLE.md, habit 8): inputs in the target dtype, a float64 reference,
+the kernel's max and mean error at most 2x eager's (``upcast=False``) plus ``EPS``. On top, the decode kernel
+must agree with the prefill kernel ``flash_attention_forward`` on everything that is not rounding: shapes,
+dtypes, contiguity, where the output is NaN and where ``lse`` is ``-inf`` (the op may pick either kernel).
+``torch.empty`` is poisoned with NaN, so a partial state (or output row) that no program writes fails.
+
+Shapes are decode shapes: ``Sq`` of 1..16 against ragged cache lengths, GQA groups packed into the rows of
+one program (ratios 1, 2, 4, 8 and MQA), ``num_splits`` of 1 and several. Causal decode is the bottom-right
+band ``window_right = Sk - Sq``; a sliding window of ``W`` keys adds ``window_left = W - 1 - (Sk - Sq)``.
+On the CPU everything runs under the Triton interpreter (tests/conftest.py); the ``gpu`` tests take
+Sk = 4096..32768.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+
+from flashfuse.kernels import flash_decode
+from flashfuse.kernels.flash_decode import choose_splits, flash_decode_forward, supports
+from flashfuse.kernels.flash_fwd import flash_attention_forward
+from flashfuse.testing import attention_ref, expand_kv
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+FP32_MIN = torch.finfo(torch.float32).min
+EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}
+LSE_EPS = 1e-5
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison(monkeypatch):
+    torch.manual_seed(0)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout="bhsd"):
+    def make(H, S):
+        if layout == "bshd":
+            return torch.randn(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)
+        return torch.randn(B, H, S, D, dtype=dtype, device=device)
+
+    return make(Hq, Sq), make(Hkv, Sk), make(Hkv, Sk)
+
+
+def _causal(Sq, Sk):
+    return None, Sk - Sq  # bottom-right: query i sits at position Sk - Sq + i
+
+
+def _sliding(Sq, Sk, W):
+    return W - 1 - (Sk - Sq), Sk - Sq  # the last W positions up to and including the query's own
+
+
+def _check(q, k, v, mask=None, *, scale=None, num_splits=None, **kw):
+    """Decode kernel vs float64 reference (numerics rule) and vs flash_fwd (shape and NaN/-inf patterns)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = flash_decode_forward(q, k, v, mask, scale=scale, num_splits=num_splits, **kw)
+    fwd, fwd_lse = flash_attention_forward(q, k, v, mask, scale=scale, **kw)
+    ref, ref_lse = attention_ref(q, k, v, mask, scale=scale, upcast=True, **kw)
+    low, low_lse = attention_ref(q, k, v, mask, scale=scale, upcast=False, **kw)
+
+    assert out.shape == fwd.shape and out.dtype == fwd.dtype and out.is_contiguous()
+    assert lse.shape == fwd_lse.shape and lse.dtype == torch.float32 and lse.is_contiguous()
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from the reference"
+    assert torch.equal(out.isnan(), fwd.isnan()), "NaN pattern differs from flash_fwd"
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf()), "-inf lse pattern differs from the reference"
+    assert torch.equal(lse.isneginf(), fwd_lse.isneginf()), "-inf lse pattern differs from flash_fwd"
+    assert not lse.isnan().any()
+
+    keep = ~ref.isnan()
+    if keep.any():
+        err = (out.double() - ref)[keep].abs()
+        eager = (low.double() - ref)[keep].abs()
+        eps = EPS[q.dtype]
+        assert err.max() <= 2 * eager.max() + eps, f"max error {err.max():.3e} vs eager {eager.max():.3e}"
+        assert err.mean() <= 2 * eager.mean() + eps / 8, f"mean error {err.mean():.3e} vs eager {eager.mean():.3e}"
+    fin = ref_lse.isfinite()
+    if fin.any():
+        lerr = (lse.double() - ref_lse.double())[fin].abs().max()
+        leager = (low_lse.double() - ref_lse.double())[fin].abs().max()
+        assert lerr <= 2 * leager + LSE_EPS, f"lse error {lerr:.3e} vs eager {leager:.3e}"
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes x dtypes x GQA x band
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = [
+    # B, Hq, Hkv, Sq, Sk, D, dtype, layout, num_splits
+    (1, 2, 2, 1, 257, 64, FP16, "bhsd", None),  # GQA 1; one past a multiple of the chunk
+    (2, 4, 2, 2, 300, 32, BF16, "bshd", 3),  # GQA 2; BSHD strides
+    (1, 8, 2, 4, 177, 80, FP32, "bhsd", 2),  # GQA 4; D=80 padded to 128
+    (1, 16, 2, 3, 129, 128, BF16, "bhsd", 5),  # GQA 8: 24 packed rows
+    (1, 8, 1, 16, 97, 16, FP16, "bshd", 4),  # MQA: 128 packed rows -> several row blocks
+    (1, 4, 1, 7, 211, 256, FP16, "bhsd", 1),  # largest head dim; one split
+    (1, 2, 1, 13, 61, 32, FP32, "bhsd", 16),  # more splits asked than blocks: capped
+]
+WINDOWS = ["full", "causal", "sliding"]
+
+
+def _window(name, Sq, Sk):
+    return {"full": (None, None), "causal": _causal(Sq, Sk), "sliding": _sliding(Sq, Sk, 50)}[name]
+
+
+def _shape_id(s):
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout, ns = s
+    return f"B{B}-H{Hq}/{Hkv}-Sq{Sq}-Sk{Sk}-D{D}-{str(dtype)[6:]}-{layout}-ns{ns}"
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[_shape_id(s) for s in SHAPES])
+def test_matches_reference(shape, window, device):
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout, ns = shape
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout)
+    wl, wr = _window(window, Sq, Sk)
+    _check(q, k, v, window_left=wl, window_right=wr, num_splits=ns)
+
+
+@pytest.mark.parametrize("sq", range(1, 17))
+def test_every_query_length(sq, device):
+    # causal decode of 1..16 new tokens against a ragged cache, GQA 2, three splits
+    q, k, v = _qkv(1, 4, 2, sq, 67, 16, FP32, device)
+    _check(q, k, v, window_left=None, window_right=67 - sq, num_splits=3)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
+def test_num_splits_agree(num_splits, device):
+    # 203 keys in blocks of 16: 13 blocks, so 64 asked is capped at 13 splits of one block
+    q, k, v = _qkv(2, 4, 1, 2, 203, 32, FP32, device)
+    pad = torch.rand(2, 1, 1, 203, device=device) > 0.2
+    out, lse = _check(q, k, v, pad, num_splits=num_splits)
+    one, one_lse = flash_decode_forward(q, k, v, pad, scale=1 / math.sqrt(32), num_splits=1)
+    torch.testing.assert_close(out, one, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lse, one_lse, atol=1e-6, rtol=0)
+    # an all-False mask: every row empty in every split, NaN with the -inf fill
+    none, none_lse = flash_decode_forward(q, k, v, torch.zeros_like(pad), scale=0.2, num_splits=num_splits)
+    assert none.isnan().all() and none_lse.isneginf().all()
+
+
+@pytest.mark.parametrize(
+    "window",
+    [(3, 5), (0, None), (None, -1), (5, -2), (-2, 4), (0, 0), (200, 200), (-60, 100)],
+    ids=["band3-5", "anticausal", "strict-causal", "left5-right-2", "left-2-right4", "diagonal", "wide", "far-right"],
+)
+def test_window_variants(window, device):
+    # top-left bands too (the op passes any band): negative bounds leave rows without keys (NaN)
+    q, k, v = _qkv(1, 4, 2, 9, 83, 32, FP16, device)
+    _check(q, k, v, window_left=window[0], window_right=window[1], num_splits=3)
+
+
+def test_chunks_outside_the_band_are_never_read(device, monkeypatch):
+    # NaN keys/values before the sliding window's first block: any read would reach the output (0 * NaN)
+    cfg = flash_decode.DecodeConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    monkeypatch.setattr(flash_decode, "_pick_config", lambda *args: cfg)
+    monkeypatch.setattr(flash_decode, "_FITTED", {})
+    Sq, Sk, W = 4, 300, 40
+    q, k, v = _qkv(1, 4, 2, Sq, Sk, 32, FP32, device)
+    wl, wr = _sliding(Sq, Sk, W)
+    first = (Sk - Sq - W + 1) // 16 * 16  # the first key block the band touches
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :first] = float("nan")
+    vp[:, :, :first] = float("nan")
+    for ns in (1, 4):
+        ref, _ = flash_decode_forward(q, k, v, scale=0.2, window_left=wl, window_right=wr, num_splits=ns)
+        out, _ = flash_decode_forward(q, kp, vp, scale=0.2, window_left=wl, window_right=wr, num_splits=ns)
+        assert torch.equal(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks: padding, HF 4-D, broadcast shapes; fully masked rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _left_padding(lengths, Sk, device):
+    """bool [B, 1, 1, Sk]: batch element b keeps its last lengths[b] keys (left-padded cache)."""
+    pos = torch.arange(Sk, device=device)
+    return (pos[None, :] >= Sk - torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
+
+
+@pytest.mark.parametrize("kind", ["bool", "add-fp32", "add-bf16"])
+@pytest.mark.parametrize("window", ["causal", "sliding"])
+def test_left_padding(kind, window, device):
+    B, Hq, Hkv, Sq, Sk = 3, 4, 2, 3, 157
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, BF16, device)
+    keep = _left_padding([Sk, 100, 9], Sk, device)
+    if kind == "bool":
+        mask, fill = keep, -math.inf
+    else:  # HF: an additive finfo.min bias and a finite fill
+        mdtype = FP32 if kind == "add-fp32" else BF16
+        mask = torch.zeros(keep.shape, dtype=mdtype, device=device).masked_fill(~keep, torch.finfo(mdtype).min)
+        fill = torch.finfo(mdtype).min
+    wl, wr = _window(window, Sq, Sk)
+    _check(q, k, v, mask, window_left=wl, window_right=wr, mask_fill=fill, num_splits=4)
+
+
+MASK_SHAPES = {
+    "B1QK": lambda B, H, Sq, Sk: (B, 1, Sq, Sk),
+    "QK": lambda B, H, Sq, Sk: (Sq, Sk),
+    "BHQK": lambda B, H, Sq, Sk: (B, H, Sq, Sk),
+    "H1K": lambda B, H, Sq, Sk: (H, 1, Sk),
+}
+
+
+@pytest.mark.parametrize("kind", ["bool", "add-fp32"])
+@pytest.mark.parametrize("mshape", list(MASK_SHAPES))
+def test_mask_shapes(mshape, kind, device):
+    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 5, 71
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, FP16, device, "bshd")
+    shape = MASK_SHAPES[mshape](B, Hq, Sq, Sk)
+    keep = torch.rand(shape, device=device) > 0.3
+    if kind == "bool":
+        mask = keep
+    else:
+        mask = torch.randn(shape, device=device).masked_fill(~keep, FP32_MIN)
+        mask = mask.masked_fill(torch.rand(shape, device=device) > 0.95, float("-inf"))
+    _check(q, k, v, mask, window_right=Sk - Sq, num_splits=3)
+
+
+def _empty_row_mask(B, Sq, Sk, device):
+    keep = torch.rand(B, 1, Sq, Sk, device=device) > 0.3
+    keep[0, :, 0] = False
+    keep[1, :, Sq - 1] = False
+    return keep
+
+
+def _assert_rows_are_v_mean(out, lse, v, rows, Hq, Sk, fill):
+    vmean = expand_kv(v.double().mean(dim=-2, keepdim=True), Hq)
+    tol = {FP32: 1e-6, FP16: 1e-3, BF16: 8e-3}[out.dtype]
+    for b, i in rows:
+        torch.testing.assert_close(out[b, :, i].double(), vmean[b, :, 0], atol=tol, rtol=0)
+        expected = torch.tensor(fill + math.log(Sk), dtype=torch.float32)
+        assert torch.equal(lse[b, :, i].cpu(), expected.expand(Hq))
+
+
+@pytest.mark.parametrize("fill", [-math.inf, FP32_MIN, -1e4], ids=["neg-inf", "finfo-min", "-1e4"])
+@pytest.mark.parametrize("window", ["full", "sliding"])  # the mean of v from the splits / from torch.mean
+def test_empty_rows(fill, window, device):
+    B, Hq, Sq, Sk = 2, 4, 4, 133
+    q, k, v = _qkv(B, Hq, 2, Sq, Sk, 32, FP32, device)
+    keep = _empty_row_mask(B, Sq, Sk, device)
+    wl, wr = _window(window, Sq, Sk)
+    out, lse = _check(q, k, v, keep, mask_fill=fill, window_left=wl, window_right=wr, num_splits=3)
+    rows = [(0, 0), (1, Sq - 1)]
+    if math.isinf(fill):
+        assert all(out[b, :, i].isnan().all() and lse[b, :, i].isneginf().all() for b, i in rows)
+    else:
+        assert not out.isnan().any()
+        _assert_rows_are_v_mean(out, lse, v, rows, Hq, Sk, fill)
+
+
+def test_additive_fill_mask_rows_are_v_mean(device):
+    # HF: a finfo.min bias under a finfo.min fill; rows of only finfo.min scores are the mean of v (max <= fill/2)
+    B, Hq, Sq, Sk = 2, 4, 3, 97
+    q, k, v = _qkv(B, Hq, 1, Sq, Sk, 32, FP16, device)
+    keep = _empty_row_mask(B, Sq, Sk, device)
+    bias = torch.zeros(keep.shape, device=device).masked_fill(~keep, FP32_MIN)
+    out, lse = _check(q, k, v, bias, mask_fill=FP32_MIN, window_right=Sk - Sq, num_splits=5)
+    _assert_rows_are_v_mean(out, lse, v, [(0, 0), (1, Sq - 1)], Hq, Sk, FP32_MIN)
+
+
+# ----------------------------------------------------------------------------------------------
+# softcap, sinks, strides
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_softcap(dtype, device):
+    q, k, v = _qkv(1, 8, 2, 4, 150, 64, dtype, device, "bshd")
+    _check(q, k, v, scale=0.5, softcap=15.0, window_right=146, num_splits=3)
+    mask = _left_padding([120], 150, device)
+    _check(q, k, v, mask, scale=0.5, softcap=15.0, window_left=_sliding(4, 150, 30)[0], window_right=146, num_splits=2)
+
+
+@pytest.mark.parametrize("kind", [None, "bool", "add-bf16"])
+def test_sinks(kind, device):
+    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 3, 131
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, BF16, device)
+    sinks = (torch.randn(Hq, device=device) * 2).to(BF16)
+    mask = None
+    if kind is not None:
+        keep = _empty_row_mask(B, Sq, Sk, device)
+        mask = keep if kind == "bool" else torch.zeros(keep.shape, device=device).masked_fill(~keep, FP32_MIN).to(BF16)
+    out, lse = _check(q, k, v, mask, sinks=sinks, mask_fill=FP32_MIN, window_right=Sk - Sq, num_splits=3)
+    assert not out.isnan().any() and lse.isfinite().all()
+    if kind == "bool":  # rule 8: rows with nothing kept are 0, lse is the sink
+        assert torch.equal(out[0, :, 0].float(), torch.zeros(Hq, 32))
+        torch.testing.assert_close(lse[0, :, 0], sinks.float(), atol=1e-6, rtol=0)  # via base 2
+
+
+def test_neg_inf_sink_is_no_sink(device):
+    q, k, v = _qkv(2, 2, 1, 3, 77, 32, FP32, device)
+    keep = _empty_row_mask(2, 3, 77, device)
+    sinks = torch.full((2,), float("-inf"), device=device)
+    out, lse = flash_decode_forward(q, k, v, keep, scale=0.2, sinks=sinks, num_splits=3)
+    ref, ref_lse = flash_decode_forward(q, k, v, keep, scale=0.2, num_splits=3)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(lse, ref_lse)
+
+
+def test_arbitrary_strides(device):
+    # q a slice of a wider tensor; k with a stride-0 batch; v with the head dim not innermost
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 3, 90, 32
+    q = torch.randn(B, Hq, Sq, 2 * D, dtype=FP16, device=device)[..., D:]
+    k = torch.randn(1, Hkv, Sk, D, dtype=FP16, device=device).expand(B, Hkv, Sk, D)
+    v = torch.randn(B, Hkv, D, Sk, dtype=FP16, device=device).transpose(-1, -2)
+    _check(q, k, v, window_left=_sliding(Sq, Sk, 33)[0], window_right=Sk - Sq, num_splits=2)
+
+
+def test_value_head_dim_differs(device):
+    q, k, _ = _qkv(1, 4, 2, 2, 70, 32, FP16, device)
+    v = torch.randn(1, 2, 70, 96, dtype=FP16, device=device)
+    _check(q, k, v, window_right=68, num_splits=2)
+
+
+def test_empty_query(device):
+    q, k, v = _qkv(1, 2, 1, 0, 300, 32, FP16, device)
+    out, lse = flash_decode_forward(q, k, v, scale=0.1)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# choose_splits, supports, argument validation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_choose_splits():
+    # H100: 132 SMs; Hq=32/Hkv=8 -> 8 programs a batch element
+    assert choose_splits(8, 4096, 132) == 32  # capped by 128-key chunks
+    assert choose_splits(8, 32768, 132) == 33
+    assert choose_splits(128, 32768, 132) == 3
+    assert choose_splits(512, 32768, 132) == 1
+    assert choose_splits(8, 100, 132) == 1
+    assert choose_splits(8, 0, 132) == 1
+    assert choose_splits(1, 1 << 20, 132) == flash_decode.MAX_SPLITS
+
+
+def test_supports(device):
+    q, k, v = _qkv(1, 8, 2, 4, 512, 64, BF16, device)
+    assert supports(q, k, v) is None
+    assert (
+        supports(
+            q,
+            k,
+            v,
+            torch.ones(1, 1, 1, 512, dtype=torch.bool, device=device),
+            sinks=torch.zeros(8),
+            softcap=30.0,
+            window_left=-100,
+            window_right=508,
+        )
+        is None
+    )
+    assert "Sq = 17" in supports(torch.randn(1, 8, 17, 64, dtype=BF16), k, v)
+    assert "Sk = 200" in supports(q, k[:, :, :200], v[:, :, :200])
+    assert "dropout" in supports(q, k, v, dropout_p=0.1)
+    assert "dtype" in supports(q.double(), k.double(), v.double())
+    assert "4-D" in supports(q[0], k, v)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"q": torch.zeros(2, 3, 16)}, r"q: expected 4-D"),
+        (
+            {"k": torch.zeros(1, 3, 300, 16, dtype=FP16), "v": torch.zeros(1, 3, 300, 16, dtype=FP16)},
+            r"Hq \(4\) must be a multiple of Hkv \(3\)",
+        ),
+        ({"mask": torch.ones(4, 3, dtype=torch.bool)}, r"mask: shape"),
+        ({"num_splits": 0}, r"num_splits"),
+        ({"num_splits": 2.0}, r"num_splits"),
+        ({"sinks": torch.zeros(3)}, r"sinks: expected shape"),
+    ],
+    ids=["q-3d", "gqa", "mask-shape", "splits-0", "splits-float", "sinks"],
+)
+def test_bad_arguments_raise_value_error(override, match, device):
+    args = {
+        "q": torch.zeros(1, 4, 2, 16, dtype=FP16),
+        "k": torch.zeros(1, 2, 300, 16, dtype=FP16),
+        "v": torch.zeros(1, 2, 300, 16, dtype=FP16),
+        "mask": None,
+        "scale": 0.25,
+    }
+    args.update(override)
+    args = {name: a.to(device) if isinstance(a, torch.Tensor) else a for name, a in args.items()}
+    q, k, v, mask = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("mask")
+    with pytest.raises(ValueError, match=match):
+        flash_decode_forward(q, k, v, mask, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the benchmark, at tiny sizes (CPU smoke test)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run bench/decode.py itself")
+def test_bench_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "| decode GB/s |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| bf16 ")]
+    assert len(rows) == 2 and all("ok" in r for r in rows), out
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: long caches (the float64 reference is [B, Hq, Sq, Sk]: 1 x 32 x 16 x 32768 x 8 B = 134 MB)
+# ----------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("sk", [4096, 16384, 32768])
+@pytest.mark.parametrize("sq", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("b", [1, 4])
+def test_gpu_long_cache(b, dtype, sq, sk):
+    q, k, v = _qkv(b, 32, 8, sq, sk + 3, 128, dtype, "cuda", "bshd")
+    _check(q, k, v, window_right=sk + 3 - sq)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 7, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_padding_and_window(d, num_splits):
+    B, Sq, Sk = 3, 4, 8191
+    q, k, v = _qkv(B, 16, 2, Sq, Sk, d, BF16, "cuda")
+    keep = _left_padding([Sk, 5000, 17], Sk, "cuda")
+    bias = torch.zeros(keep.shape, device="cuda").masked_fill(~keep, FP32_MIN)
+    _check(q, k, v, bias, mask_fill=FP32_MIN, window_right=Sk - Sq, num_splits=num_splits)
+    _check(q, k, v, keep, window_left=_sliding(Sq, Sk, 4096)[0], window_right=Sk - Sq, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [FP32, FP16])
+def test_gpu_mqa_softcap_sinks(dtype):
+    q, k, v = _qkv(2, 64, 1, 16, 5000, 64, dtype, "cuda")
+    _check(q, k, v, softcap=30.0, sinks=torch.randn(64, device="cuda"), window_right=5000 - 16)
