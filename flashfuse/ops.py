@@ -110,8 +110,12 @@ def _use_kernel(q: torch.Tensor) -> bool:
 
 
 def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mask_dtype: torch.dtype | None, *,
-                    sinks: bool = False, dropout_p: float = 0.0) -> str:
+                    sinks: bool = False, dropout_p: float = 0.0, q_len: int | None = None) -> str:
     """What the op will run for such inputs (shown in the report and the dumps)."""
+    if (q_len is not None and q_len <= 16 and not dropout_p and os.environ.get("FLASHFUSE_DECODE", "1") != "0"
+            and (device.type == "cuda" or (_interpreting() and _triton_available()))):
+        return describe_kernel(device, head_dim, dtype, mask_dtype, sinks=sinks, dropout_p=dropout_p) + (
+            "; flash_decode (split-KV) when the KV length is >= 256")
     if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
             and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32, 64, 128, 256)
             and os.environ.get("FLASHFUSE_SM90", "1") != "0"
@@ -183,6 +187,16 @@ def _attention(
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
     rng_state = _draw_rng_state(q, dropout_p)
+    if _use_kernel(q) and os.environ.get("FLASHFUSE_DECODE", "1") != "0":
+        from flashfuse.kernels import flash_decode
+
+        if flash_decode.supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+                                 mask_fill=mask_fill, softcap=softcap, sinks=sinks, dropout_p=dropout_p) is None:
+            # a few query rows against a long KV cache: split-KV (flash-decoding), merged by log-sum-exp
+            out, lse = flash_decode.flash_decode_forward(
+                q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+                mask_fill=mask_fill, softcap=softcap, sinks=sinks)
+            return out, lse, rng_state
     if q.device.type == "cuda" and _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill,
                                                         softcap, sinks, dropout_p) is None:
         from flashfuse.kernels.flash_fwd_sm90 import flash_attention_forward_sm90

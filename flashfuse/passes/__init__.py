@@ -75,6 +75,10 @@ def _kernel_has_sinks() -> bool:
     return getattr(ops, "KERNEL_HAS_SINKS", False)
 
 
+def _static_len(n):
+    return n if isinstance(n, int) else None
+
+
 def _kernel_choice(site: AttentionSite) -> str:
     from flashfuse.ops import describe_kernel
     from flashfuse.passes.graph_utils import tensor_val
@@ -89,7 +93,7 @@ def _kernel_choice(site: AttentionSite) -> str:
     mask_dtype = None if not masks else (torch.bool if site.masks[0].kind == "bool" else masks[0].dtype)
     try:
         return describe_kernel(q.device, head_dim, q.dtype, mask_dtype, sinks=site.sinks is not None,
-                               dropout_p=site.dropout or 0.0)
+                               dropout_p=site.dropout or 0.0, q_len=_static_len(q.shape[-2]))
     except Exception as exc:  # the report must not break a compile
         return f"unknown ({type(exc).__name__})"
 
