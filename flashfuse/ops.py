@@ -110,12 +110,19 @@ def _use_kernel(q: torch.Tensor) -> bool:
 
 
 def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mask_dtype: torch.dtype | None, *,
-                    sinks: bool = False, dropout_p: float = 0.0, q_len: int | None = None) -> str:
+                    sinks: bool = False, dropout_p: float = 0.0, q_len: int | None = None,
+                    _no_cudnn: bool = False) -> str:
     """What the op will run for such inputs (shown in the report and the dumps)."""
     if (q_len is not None and q_len <= 16 and not dropout_p and os.environ.get("FLASHFUSE_DECODE", "1") != "0"
             and (device.type == "cuda" or (_interpreting() and _triton_available()))):
         return describe_kernel(device, head_dim, dtype, mask_dtype, sinks=sinks, dropout_p=dropout_p) + (
             "; flash_decode (split-KV) when the KV length is >= 256")
+    if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
+            and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
+            and os.environ.get("FLASHFUSE_SDPA", "1") != "0" and not _CUDNN_BROKEN and not _no_cudnn):
+        return ("SDPA cuDNN (faster there) if Hq == Hkv, no soft-capping and no band or causal with Sq == Sk; "
+                "else " + describe_kernel(device, head_dim, dtype, mask_dtype, sinks=sinks, dropout_p=dropout_p,
+                                          _no_cudnn=True))
     if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
             and dtype in (torch.float16, torch.bfloat16) and head_dim in (16, 32, 64, 128, 256)
             and os.environ.get("FLASHFUSE_SM90", "1") != "0"
@@ -131,6 +138,53 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
         return (f"flash_fwd ({where}) BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} "
                 f"num_warps={cfg.num_warps} num_stages={cfg.num_stages}")
     return "reference (CPU, float32)"
+
+
+_CUDNN_BROKEN: list[str] = []  # the first failure of the cuDNN path in this process (then it is not tried again)
+
+
+def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks, dropout_p) -> str | None:
+    """None when SDPA's cuDNN kernel computes exactly this call (and is faster than ours there), else why not.
+
+    Measured on the H100 (bench/RESULTS.md): cuDNN is ahead of flashfuse's Triton kernels for plain and causal
+    attention without masks, so the op hands it exactly those cases -- a user must not lose speed by choosing
+    flashfuse. Exactly the same case: no mask tensor, no sinks, no soft-capping, no dropout, Hq == Hkv, fp16/bf16,
+    head dim 64 or 128, and either no band or the causal band with Sq == Sk (cuDNN's is_causal is then the same
+    mask; no row is ever empty, so ``mask_fill`` cannot matter). ``FLASHFUSE_SDPA=0`` turns the path off.
+    """
+    if os.environ.get("FLASHFUSE_SDPA", "1") == "0":
+        return "turned off (FLASHFUSE_SDPA=0)"
+    if _CUDNN_BROKEN:
+        return f"cuDNN failed earlier in this process ({_CUDNN_BROKEN[0]})"
+    if mask is not None or sinks is not None or softcap or dropout_p:
+        return "a mask, sinks, soft-capping or dropout"
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype}"
+    if q.shape[1] != k.shape[1]:
+        return "GQA/MQA"
+    if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]}"
+    if window_left is not None or window_right not in (None, 0) or (window_right == 0 and q.shape[2] != k.shape[2]):
+        return "a band other than none or causal with Sq == Sk"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "a head dim that is not contiguous"
+    return None
+
+
+def _cudnn_forward(q, k, v, scale, *, causal: bool):
+    """``(out, lse)`` from ``aten._scaled_dot_product_cudnn_attention`` (natural-log lse, float32, [B, H, Sq]);
+    None (and the path switched off for the process, with a warning) if cuDNN refuses."""
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        B, H, Sq = q.shape[:3]
+        lse = lse.reshape(B, H, Sq).float().contiguous()
+        return out, lse
+    except Exception as exc:  # noqa: BLE001 -- any refusal: our own kernel runs instead
+        _CUDNN_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+        warnings.warn(f"flashfuse: the cuDNN path failed ({_CUDNN_BROKEN[0]}); using flashfuse's Triton kernels",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks,
@@ -197,6 +251,11 @@ def _attention(
                 q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
                 mask_fill=mask_fill, softcap=softcap, sinks=sinks)
             return out, lse, rng_state
+    if q.device.type == "cuda" and _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks,
+                                                       dropout_p) is None:
+        result = _cudnn_forward(q, k, v, scale, causal=window_right == 0)
+        if result is not None:
+            return result[0], result[1], rng_state
     if q.device.type == "cuda" and _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill,
                                                         softcap, sinks, dropout_p) is None:
         from flashfuse.kernels.flash_fwd_sm90 import flash_attention_forward_sm90

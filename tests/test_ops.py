@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -230,3 +232,27 @@ def test_op_dispatches_to_the_hopper_kernel_and_matches(monkeypatch, causal):
     assert len(calls) == 1  # a mask tensor goes to flash_fwd
     ref_m, _ = attention_ref(q.double(), k.double(), v.double(), pad, window_right=0 if causal else None)
     assert (out_masked.double() - ref_m).nan_to_num().abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_op_hands_plain_and_causal_mha_to_cudnn_with_the_same_lse_and_grads(causal):
+    """The cuDNN path returns the same (out, lse) as the reference (natural-log lse), and the Triton backward
+    run on cuDNN's lse gives the reference gradients."""
+    from flashfuse import ops
+    from flashfuse.testing import attention_backward_ref
+
+    q, k, v = (torch.randn(2, 4, 777, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    assert ops._cudnn_path_refusal(q, k, v, None, None, 0 if causal else None, 0.0, None, 0.0) is None
+    out, lse, _ = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0 if causal else None, -math.inf, 0.0)
+    assert not ops._CUDNN_BROKEN, ops._CUDNN_BROKEN
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), window_right=0 if causal else None)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-2
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = attention_backward_ref(g.double(), q.double(), k.double(), v.double(), None, scale=128 ** -0.5,
+                                  window_right=0 if causal else None)[:3]
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() < 5e-2 * max(1.0, b.abs().max().item())
