@@ -332,7 +332,7 @@ def _attn_bwd_preprocess(
             )  # fmt: skip
             K_head = K + b64 * stride_kb + hkv64 * stride_kh
             Mask_rows = Mask + b64 * stride_mask_b + h64 * stride_mask_h + m64 * stride_mask_m
-            lo_n, _, _, hi_n = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
+            lo_n, _mid_lo, _mid_hi, hi_n = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(lo_n, hi_n, BLOCK_N):
                 n64 = tl.cast(start_n, tl.int64)
@@ -342,7 +342,7 @@ def _attn_bwd_preprocess(
                     mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < Sk), other=0.0,
                 )  # fmt: skip
                 qk = _mma(q, kT, DOT_PRECISION, INTERPRET_BF16)
-                s, _ = _scores(
+                s, _unused_t = _scores(
                     qk, offs_m[:, None], cols[None, :], Mask_rows + n64 * stride_mask_n,
                     local_m[:, None], offs_n[None, :], Sq, Sk, stride_mask_m, stride_mask_n,
                     qk_scale, softcap_in, softcap_out, window_left, window_right, MASK_KIND, HAS_SOFTCAP, True,

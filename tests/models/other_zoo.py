@@ -43,10 +43,10 @@ class NanoCausalSelfAttention(nn.Module):
 
 
 class NanoBlock(nn.Module):
-    def __init__(self, n_embd=64, n_head=4):
+    def __init__(self, n_embd=64, n_head=4, block_size=64):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = NanoCausalSelfAttention(n_embd, n_head)
+        self.attn = NanoCausalSelfAttention(n_embd, n_head, block_size)
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
 
@@ -60,7 +60,7 @@ class NanoGPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(VOCAB, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList([NanoBlock(n_embd, n_head) for _ in range(n_layer)])
+        self.h = nn.ModuleList([NanoBlock(n_embd, n_head, block_size) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, VOCAB, bias=False)
         self.lm_head.weight = self.wte.weight
