@@ -56,13 +56,13 @@ class NanoBlock(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, n_layer=2, n_embd=64, n_head=4, block_size=64):
+    def __init__(self, n_layer=2, n_embd=64, n_head=4, block_size=64, vocab=VOCAB):
         super().__init__()
-        self.wte = nn.Embedding(VOCAB, n_embd)
+        self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.h = nn.ModuleList([NanoBlock(n_embd, n_head, block_size) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, VOCAB, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
 
     def forward(self, idx):

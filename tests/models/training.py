@@ -266,7 +266,8 @@ def nanogpt(size: Size) -> nn.Module:
     """nanoGPT's slow-path attention (the ``tril`` buffer, ``masked_fill(-inf)``), every dropout set to p=0."""
     from tests.models.other_zoo import NanoGPT
 
-    model = NanoGPT(n_layer=size.layers, n_embd=size.hidden, n_head=size.heads, block_size=size.seq)
+    model = NanoGPT(n_layer=size.layers, n_embd=size.hidden, n_head=size.heads, block_size=size.seq,
+                    vocab=size.vocab)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
