@@ -234,6 +234,7 @@ def _attention(
     softcap: float,
     sinks: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    additive_fill: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     validate_attention_args(q, k, v, mask, window_left, window_right)
     _validate_sinks(q, sinks)
@@ -298,7 +299,8 @@ def _validate_sinks(q: torch.Tensor, sinks) -> None:
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None, dropout_p=0.0):
+def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None, dropout_p=0.0,
+                    additive_fill=False):
     _check_dropout_p(dropout_p)
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
@@ -330,6 +332,7 @@ def _attention_backward(
     need_dmask: bool = True,
     dropout_p: float = 0.0,
     rng_state: Optional[torch.Tensor] = None,
+    additive_fill: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
     dropout_p = _check_dropout_p(dropout_p)
@@ -350,10 +353,74 @@ def _attention_backward(
             dropout_p=dropout_p, dropout_mask=_reference_keep_mask(q, k, rng_state, dropout_p, kernel=kernel),
         )
     dq, dk, dv, dmask, dsinks = grads
+    if additive_fill and sinks is None and math.isfinite(mask_fill) and _rows_can_be_empty(
+            q, k, mask, window_left, window_right):
+        dq, dk, dmask = _empty_row_grads(grad_out, q, k, v, mask, lse, scale, mask_fill, softcap, dq, dk, dmask,
+                                         need_dmask)
     dq, dk, dv = (_like(g, t) for g, t in ((dq, q), (dk, k), (dv, v)))
     dmask = _like(dmask, mask) if dmask is not None and need_dmask else q.new_empty(0)
     dsinks = _like(dsinks, sinks) if dsinks is not None else q.new_empty(0)
     return dq, dk, dv, dmask, dsinks
+
+
+def _rows_can_be_empty(q, k, mask, window_left, window_right) -> bool:
+    """Can some query row have no key kept? Always possible with a mask tensor; with the band alone, only if the
+    band misses all of ``0 <= j < Sk`` for some ``0 <= i < Sq`` (host arithmetic, no sync)."""
+    if mask is not None:
+        return True
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    if Sq == 0 or Sk == 0:
+        return False
+    wl = math.inf if window_left is None else window_left
+    wr = math.inf if window_right is None else window_right
+    if wl + wr < 0:
+        return True
+    # row i keeps [i - wl, i + wr] ∩ [0, Sk - 1]: empty for some i iff the first row ends before 0 or the last
+    # row starts after Sk - 1 (the band is a diagonal strip, so the extreme rows are the worst)
+    return 0 + wr < 0 or (Sq - 1) - wl > Sk - 1
+
+
+def _empty_row_grads(grad_out, q, k, v, mask, lse, scale, mask_fill, softcap, dq, dk, dmask, need_dmask):
+    """Eager autograd's gradient at fully masked rows when the fill was ADDED to the scores (``s + fill``).
+
+    There every score rounds to the fill, the softmax is uniform (``P = 1/Sk``: rule 6, the forward's mean of V),
+    and autograd still passes ``dz = P * (dP - rowsum(P * dP)) = (dP - mean(dP)) / Sk`` to every score of the row
+    (d(s + fill)/ds = 1), so q, k (and a trainable additive mask) get gradient from rows that look empty. The
+    kernels and the reference give those rows none (right when the fill is written over the scores, as
+    ``masked_fill`` does). This adds the difference for the rows the forward marked empty (``lse <= fill / 2``):
+    dense per (batch, head) over those rows only; a host sync to find them, only for sites that can have them.
+    """
+    empty = lse <= mask_fill / 2
+    idx = empty.nonzero()
+    if idx.numel() == 0:
+        return dq, dk, dmask
+    B, Hq, Sq, D = q.shape
+    groups = Hq // k.shape[1]
+    Sk = k.shape[-2]
+    dq, dk = dq.clone(), dk.clone()
+    if dmask is not None and need_dmask:
+        dmask = dmask.clone()
+    for b, h in {(int(b), int(h)) for b, h, _ in idx.tolist()}:
+        rows = empty[b, h].nonzero().squeeze(-1)
+        hk = h // groups
+        kf, vf = k[b, hk].float(), v[b, hk].float()
+        qr, dor = q[b, h, rows].float(), grad_out[b, h, rows].float()
+        dp = dor @ vf.T  # [r, Sk]
+        dz = (dp - dp.mean(-1, keepdim=True)) / Sk
+        ds = dz
+        if softcap:
+            t = torch.tanh(qr @ kf.T * (scale / softcap))
+            ds = dz * (1 - t * t)
+        dq[b, h, rows] += (scale * ds @ kf).to(dq.dtype)
+        dk[b, hk] += (scale * ds.T @ qr).to(dk.dtype)
+        if dmask is not None and need_dmask and mask is not None and mask.dtype != torch.bool:
+            mb = b if mask.shape[0] > 1 else 0
+            mh = h if mask.shape[1] > 1 else 0
+            if mask.shape[2] > 1:
+                dmask[mb, mh, rows] += dz.to(dmask.dtype)
+            else:
+                dmask[mb, mh, 0] += dz.sum(0).to(dmask.dtype)
+    return dq, dk, dmask
 
 
 def _like(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -389,7 +456,8 @@ def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, wind
 
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
-                             softcap, sinks=None, need_dmask=True, dropout_p=0.0, rng_state=None):
+                             softcap, sinks=None, need_dmask=True, dropout_p=0.0, rng_state=None,
+                             additive_fill=False):
     has_dmask = mask is not None and mask.dtype != torch.bool and need_dmask
     dmask = torch.empty_like(mask) if has_dmask else q.new_empty(0)
     dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
@@ -400,6 +468,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, *rest = inputs
     sinks = rest[0] if rest else None
     dropout_p = rest[1] if len(rest) > 1 else 0.0
+    ctx.additive_fill = rest[2] if len(rest) > 2 else False
     out, lse, rng_state = output
     ctx.save_for_backward(q, k, v, mask, out, lse, sinks, rng_state)  # no [Sq, Sk] tensor: the mask is rng_state
     ctx.params = (scale, window_left, window_right, mask_fill, softcap)
@@ -410,10 +479,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse, grad_rng_state):
     q, k, v, mask, out, lse, sinks, rng_state = ctx.saved_tensors
     dq, dk, dv, dmask, dsinks = torch.ops.flashfuse.attention_backward(
-        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask, ctx.dropout_p, rng_state)
+        grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask, ctx.dropout_p, rng_state,
+        ctx.additive_fill)
     dmask = dmask if ctx.need_dmask else None
     dsinks = dsinks if sinks is not None else None
-    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

@@ -256,3 +256,43 @@ def test_op_hands_plain_and_causal_mha_to_cudnn_with_the_same_lse_and_grads(caus
                                   window_right=0 if causal else None)[:3]
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max().item() < 5e-2 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("softcap,groups,trainable", [(0.0, 1, False), (0.0, 2, False), (20.0, 2, False),
+                                                      (0.0, 1, True)])
+def test_fully_masked_rows_with_an_added_fill_get_eagers_gradient(softcap, groups, trainable):
+    """``additive_fill=True`` (the original added the fill to the scores): rows with nothing kept are uniform and
+    autograd still sends (dP - mean dP) / Sk to q, k and an additive mask, as eager does; with the fill written
+    over the scores (``additive_fill=False``, masked_fill) those rows send nothing to q and k."""
+    B, H, S, D = 2, 4, 9, 16
+    fill = torch.finfo(torch.float32).min
+    q = torch.randn(B, H, S, D, requires_grad=True)
+    k, v = (torch.randn(B, H // groups, S, D, requires_grad=True) for _ in range(2))
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[0, :4] = False  # left padding: rows 0..3 of batch 0 keep nothing under the causal band
+    i = torch.arange(S)
+    keep = (i[None, None, None, :] <= i[None, None, :, None]) & pad[:, None, None, :]
+    bias = (torch.randn(1, H, S, S) * 0.1).requires_grad_(trainable)
+    mask = (bias if trainable else torch.zeros(())) + torch.where(keep, 0.0, fill)
+    g = torch.randn(B, H, S, D)
+
+    def eager(q, k, v, mask, added: bool):
+        ke, ve = (t.repeat_interleave(groups, 1) for t in (k, v))
+        s = q @ ke.transpose(-2, -1) * 0.25
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s + mask if added else s.masked_fill(~keep, fill)
+        return torch.softmax(s, -1) @ ve
+
+    for added in (True, False):
+        inputs = (q, k, v) + ((bias,) if trainable and added else ())
+        want = torch.autograd.grad(eager(q, k, v, mask, added), inputs, g)
+        op_mask = mask if added else keep
+        out = torch.ops.flashfuse.attention(q, k, v, op_mask, 0.25, None, None, fill, softcap, None, 0.0, added)[0]
+        got = torch.autograd.grad(out, inputs, g)
+        for name, a, b in zip("q k v bias".split(), got, want):
+            assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item()), (added, name)
+        if not added:  # the fill written over the scores: the empty rows send nothing to q
+            assert got[0][0, :, :4].abs().max().item() == 0.0
+        else:
+            assert got[0][0, :, :4].abs().max().item() > 1e-3

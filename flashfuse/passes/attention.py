@@ -75,6 +75,8 @@ class AttentionSite:
     dropout: float | None
     flags: dict[str, Any]
     sinks: fx.Node | None = None  # [1, Hq, 1, 1] per-head sink logits (GPT-OSS), reshaped to [Hq] for the op
+    #: every fill was added to the scores (s + fill): a fully masked row's gradient reaches q and k (ops.py)
+    additive_fill: bool = False
     #: window_left / window_right: None, an int, or (a, b, c) meaning a*Sk + b*Sq + c (symbolic sizes)
     windows: dict = dataclasses.field(default_factory=dict)
 
@@ -199,6 +201,7 @@ class _SiteFinder:
         sym_factors: list = []  # symbolic scale factors (expr, SymFloat/SymInt, is_divisor)
         band = Band(None, None)
         fills: list[float] = []
+        replaced = 0  # fills written over the scores (masked_fill / where) rather than added to them
         masks: list[MaskTerm] = []
         seen_softcap = False
         self._in_mm_layout = False
@@ -276,6 +279,7 @@ class _SiteFinder:
                 fill = self._fill_value(fill)
                 self._check_mask_order(scale, seen_softcap, additive=False)
                 self._mask(m, keep_is_true=False, fill=fill * scale, masks=masks, fills=fills)
+                replaced += 1
                 band = band.intersect(self._pending_band) if self._pending_band else band
                 chain.append(cur)
                 cur = scores
@@ -291,6 +295,7 @@ class _SiteFinder:
                 fill = self._fill_value(fill)
                 self._check_mask_order(scale, seen_softcap, additive=False)
                 self._mask(cond, keep_is_true=keep_true, fill=fill * scale, masks=masks, fills=fills)
+                replaced += 1
                 band = band.intersect(self._pending_band) if self._pending_band else band
                 chain.append(cur)
                 cur = scores
@@ -416,6 +421,7 @@ class _SiteFinder:
             "mask": _mask_label(masks),
             "dense_mask": _dense(masks),
             "mask_fill": mask_fill,
+            "additive_fill": bool(fills) and not replaced,
             "scale": "1/sqrt(head_dim)" if scale is None else scale,
             "softcap": softcap,
             "dropout": dropout_p,
@@ -430,7 +436,7 @@ class _SiteFinder:
             softmax=sm, pv=pv, q=q, k=k, v=v, k_transposed=k_transposed, gqa_groups=groups, scale=scale,
             softcap=softcap, band=band, mask_fill=mask_fill, masks=masks, score_rank=r, chain=chain,
             reshape_to_softmax=reshape_to_softmax, reshape_v=reshape_v, sinks=sinks, windows=windows,
-            source=source, dropout=dropout_p, flags=flags,
+            source=source, dropout=dropout_p, flags=flags, additive_fill=bool(fills) and not replaced,
         )
 
     # -- helpers --------------------------------------------------------------------------------

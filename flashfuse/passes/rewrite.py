@@ -141,7 +141,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
             graph,
             torch.ops.flashfuse.attention.default,
             (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
-             float(site.mask_fill), float(site.softcap), sinks, float(site.dropout or 0.0)),
+             float(site.mask_fill), float(site.softcap), sinks, float(site.dropout or 0.0), bool(site.additive_fill)),
             like=pv,
         )
         out = insert_call(graph, operator.getitem, (call, 0), like=pv)

@@ -99,21 +99,13 @@ CASES = {
 # NOTE: fully masked query rows (left padding) under a finite fill. HF's eager code adds
 # where(keep, 0, finfo.min) to the scores: every score of such a row rounds to finfo.min, softmax is uniform
 # (out = mean of V, which flashfuse reproduces), and autograd still passes dS = P (dP - rowsum(dP * P)) with
-# P = 1/Sk to q and to every key, because d(s + mask)/ds = 1. flashfuse proves that mask a causal band + a
-# boolean per-key keep-mask with mask_fill = finfo.min, and its backward (the kernel, and
-# flashfuse.testing.attention_backward_ref: "rows that are the plain mean of v pass no gradient to q, k or
-# the mask") drops those terms. With HF's labels the last pad position predicts the first real token, so that
-# row's dO is not zero and every upstream gradient differs from eager (Llama, float32, step 0:
-# embed_tokens max error 6.7e-4 vs eager's 4.7e-8, max |grad| 0.1). Minimal repro, one head, 4 positions:
-#     q, k, v = randn(1, 1, 4, 16) (requires grad); pad = [[F, F, T, T]]; i = arange(4)
-#     keep = (i[None, None, None, :] <= i[None, None, :, None]) & pad[:, None, None, :]
-#     out = softmax(q @ kᵀ * 0.25 + where(keep, zeros(()), finfo(float32).min), -1) @ v; out.sum().backward()
-#     eager: |dq[0, 0, 0]| = 0.405, flashfuse: 0 (dk of key 3: 0.257 vs 0.243)
-# The same batch with the first real token unlabelled (no gradient reaches a pad row) passes. In bfloat16
-# the difference hides under the noise (the CPU run passes), so the GPU run leaves this case out.
-LEFT_PAD_ROW_GRAD = ("fully masked query rows under a finite fill (HF left padding): flashfuse's backward passes "
-                     "no gradient to q/k, eager's additive finfo.min mask passes dS = P (dP - delta) with P = 1/Sk")
-CPU_XFAIL = {"llama_leftpad": pytest.mark.xfail(strict=True, raises=training.GradMismatch, reason=LEFT_PAD_ROW_GRAD)}
+# P = 1/Sk to q and to every key, because d(s + mask)/ds = 1. With HF's labels the last pad position predicts
+# the first real token, so that row's dO is not zero. The site's report flag `additive_fill` tells the op the
+# fill was added, and its backward adds those terms (flashfuse/ops.py `_empty_row_grads`); "llama_leftpad"
+# checks it (it failed before: embed_tokens max error 6.7e-4 vs eager's 4.7e-8), the "first_unlabelled"
+# variant checks the rows with no gradient. In bfloat16 the difference hides under the noise, so the GPU run
+# leaves "llama_leftpad" out (it would pass without the fix too).
+CPU_XFAIL: dict = {}
 GPU_CASES = [name for name in CASES if name != "llama_leftpad"]
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
