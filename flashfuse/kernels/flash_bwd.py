@@ -29,7 +29,8 @@ Semantics are ``flashfuse.testing.attention_backward_ref`` exactly; the cases th
 * units: as in the forward, scores are base 2 (``log2(e) * scale`` folded into ``q kᵀ``) and the
   kernels read ``lse * log2(e)``; with an additive mask (``NATURAL``) scores stay natural and
   ``log2(e)`` multiplies ``s - lse``. ``dS`` is always the gradient w.r.t. the natural score.
-* softcap: ``s = c * tanh(x / c)`` with ``x = q kᵀ * scale``, so ``dx = dS * (1 - tanh²)``; the
+* softcap: ``s = c * tanh(x / c)`` with ``x = q kᵀ * scale``, so ``dx = dS * (1 - tanh²)`` (the tanh of
+  ``_common.tanh``, as the forward: eager's tanh backward forms ``1 - y²`` from its output too); the
   additive mask's gradient is ``dS`` itself (the bias is added after the cap).
 * rule-6 rows (finite ``mask_fill``, no sinks: the row's output is the mean of V): no gradient to q, k
   or the mask, and ``dO / Sk`` to every key's dV. They are recognised by ``lse <= mask_fill / 2`` (the
@@ -73,6 +74,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from flashfuse.kernels._common import tanh as _tanh
 from flashfuse.kernels.flash_fwd import (
     _LOG2E,
     _MASK_ADD,
@@ -82,7 +84,6 @@ from flashfuse.kernels.flash_fwd import (
     _dropout_keep,
     _key_blocks,
     _mma,
-    _tanh,
     _validate,
     _validate_dropout,
     _validate_sinks,

@@ -16,8 +16,8 @@ Semantics are ``flashfuse.testing.attention_ref`` exactly (read its docstring fi
   units and ``log2(e)`` multiplies ``s - max`` instead (``NATURAL``, see ``_exp``): an HF mask holds
   ``finfo(float32).min``, which times ``log2(e)`` overflows to ``-inf`` and would turn a row of equal
   scores (eager: uniform weights) into an empty one (NaN).
-* ``softcap``: ``s = softcap * tanh(s / softcap)``, with tanh written through ``exp2`` so the same
-  code runs under ``TRITON_INTERPRET=1``.
+* ``softcap``: ``s = softcap * tanh(s / softcap)``, with ``_common.tanh`` (a polynomial for small
+  arguments, ``exp2`` above: float32-accurate, and the same code runs under ``TRITON_INTERPRET=1``).
 * masks: a boolean keep-mask (read as uint8) or an additive float bias, read through four strides so
   that broadcast dimensions (stride 0) are never materialised.
 * structure ``-window_left <= j - i <= window_right`` (causal is ``window_right = 0``): key blocks
@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from flashfuse.kernels._common import tanh as _tanh
 
 __all__ = ["dropout_keep_mask", "flash_attention_forward"]
 
@@ -109,14 +111,6 @@ def _exp(z, NATURAL: tl.constexpr):
     if NATURAL:
         z = z * 1.4426950408889634
     return tl.exp2(z)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): exp2 overflowing to inf gives 1, underflowing to 0 gives -1, so no
-    # NaN for any finite x. Absolute error ~1e-7 near 0 (1 - ~1 cancels), i.e. ~3e-6 on a softcap-30 score
-    # in fp32; tanh.approx on the GPU would be 2^-11 relative, libdevice does not run under the interpreter.
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ The fast common case of ``flash_fwd.flash_attention_forward`` -- fp16/bf16, a po
 
 Semantics are ``flash_fwd.flash_attention_forward``'s (and ``flashfuse.testing.attention_ref``'s) for
 this subset: GQA by the head map ``h -> h // (Hq // Hkv)``; ``-window_left <= j - i <= window_right``
-(None = unbounded); optional ``softcap`` (same exp2-based tanh as flash_fwd.py); ``lse`` natural,
+(None = unbounded); optional ``softcap`` (``_common.tanh``, as flash_fwd.py); ``lse`` natural,
 float32; a row with nothing kept is NaN with ``lse = -inf`` for a ``-inf`` ``mask_fill``, and the mean
 of ``v`` with ``lse = mask_fill + log(Sk)`` for a finite one (rule 6, epilogue only).
 
@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from flashfuse.kernels._common import tanh as _tanh
 
 __all__ = [
     "TUNED_CONFIGS",
@@ -110,12 +112,6 @@ def _downcast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     return x.to(dtype)
-
-
-@triton.jit
-def _tanh(x):
-    # the same formula as flash_fwd.py, so both kernels round softcapped scores alike: 1 - 2 / (e^2x + 1)
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit

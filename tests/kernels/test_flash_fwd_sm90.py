@@ -190,6 +190,21 @@ def test_softcap_and_scale(dtype, device):
     _check(q, k, v, scale=0.3)
 
 
+def test_softcap_cap50_lse_matches_float32(device):
+    # Gemma 2's cap of 50 makes every tanh argument small. The fp16 output hides the tanh's rounding, the
+    # float32 lse does not: with 1 - 2 / (exp(2x) + 1) (cancels for small x) the lse was 3.8e-6 off the float64
+    # reference where eager float32 on the same values is 4.8e-7 (8x); with _common.tanh 6.0e-7 (1.25x, lse
+    # errors come in ulps of ~4.8e-7, hence 2x allowed)
+    q, k, v = _qkv(2, 4, 4, 64, 64, 64, FP16, device)
+    kw = {"window_left": None, "window_right": 0, "softcap": 50.0, "mask_fill": -math.inf}
+    _, lse = flash_attention_forward_sm90(q, k, v, 0.125, **kw)
+    _, ref_lse = attention_ref(q, k, v, scale=0.125, upcast=True, **kw)
+    _, low_lse = attention_ref(q.float(), k.float(), v.float(), scale=0.125, upcast=False, **kw)
+    err = (lse.double() - ref_lse.double()).abs().max()
+    eager = (low_lse.double() - ref_lse.double()).abs().max()
+    assert err <= 2 * eager, f"lse error {err:.3e} vs eager float32 {eager:.3e}"
+
+
 def test_odd_strides_and_offsets(device):
     """Views with padding between heads and rows (all 16-byte aligned) and a storage offset."""
     base = torch.randn(2, 70, 3, 80, dtype=FP16, device=device)  # [B, S, H, D+16]: rows padded
