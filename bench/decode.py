@@ -15,8 +15,11 @@ plus bytes written over its time). The issue's target is 70% of the copy bandwid
 SDPA (``F.scaled_dot_product_attention(..., enable_gqa=True)``) runs without a mask: for Sq = 4 it attends to
 up to 3 more keys than the causal band, which does not change its time (its ``is_causal`` is top-left, the
 wrong band for a decode step). The ``check`` column compares the decode kernel with the prefill kernel.
-``host us/call`` is the launcher's CPU time (validation, workspace allocation, two launches): do_bench's L2
-flush (a 256 MB memset, ~85 us) runs ahead of each call and hides it, a model without CUDA graphs does not.
+``host us/call`` is the launcher's CPU time for a call whose shapes it has seen (key lookup, three
+allocations, two launches through Triton's compiled handles; validation and planning run once per key):
+do_bench's L2 flush (a 256 MB memset, ~85 us) runs ahead of each call and hides it, a model without CUDA
+graphs does not. The first version spent 165-300 us here on an H100 host, more than the kernels at 4k keys;
+``FLASHFUSE_DECODE_FAST_LAUNCH=0`` goes back to Triton's generic launch, for comparison.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def _set_config(spec: str | None):
     cfg = flash_decode.DecodeConfig(bm, bn, w, s)
     flash_decode._pick_config = lambda *args: cfg
     flash_decode._FITTED.clear()
+    flash_decode._LAUNCHES.clear()
 
 
 def run_case(B, Sq, Sk, dtype, device, rep_ms, hq, hkv, d, splits=None, sweep=False):

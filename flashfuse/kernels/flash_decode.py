@@ -36,8 +36,10 @@ inference" (PyTorch blog, 2023); Tri Dao, "FlashAttention-2" (2023); Triton's ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,7 +58,6 @@ from flashfuse.kernels.flash_fwd import (
     _downcast,
     _exp,
     _mma,
-    _tanh,
     _validate,
     _validate_sinks,
 )
@@ -70,8 +71,13 @@ MAX_QUERY_LEN = 16
 # Below this many keys one prefill program per (head, row block) is already short; splitting buys nothing.
 MIN_KV_LEN = 256
 # Splits never hold fewer keys than this: each program's fixed cost (Q load, partial store, its share of the
-# merge) must stay small next to its K/V bytes (128 keys x D=128 x bf16 x (K + V) = 64 KB).
-MIN_CHUNK = 128
+# merge) must stay small next to its K/V bytes (256 keys x D=128 x bf16 x (K + V) = 128 KB), and its loop must
+# be long enough to fill the load pipeline (256 keys = 4 blocks of 64 at num_stages = 3; 128 keys = 2 blocks
+# never reach steady state).
+MIN_CHUNK = 256
+# Programs per SM the split count aims at. Two resident programs per SM (96 KB of K/V stages each) and a
+# short, uneven tail: with 4 per SM the last partial wave is at most a quarter of the time, not a half.
+PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 # float32 partial state per (row, split): the merge reads it in chunks of this many splits
 _MERGE_BLOCK_S = 16
@@ -80,6 +86,31 @@ _MERGE_BLOCK_S = 16
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """float32 ``tanh`` for soft-capping, accurate for small ``|x|`` too (compiled and interpreted alike).
+
+    NOTE: ``1 - 2 / (exp(2x) + 1)`` (flash_fwd's) has an absolute error of about ulp(1) = 1.2e-7 whatever
+    ``x`` is, so a relative error of 1.2e-7 / |x|: with Gemma 2's cap of 50 every argument ``s / 50`` is small
+    and the capped score loses 2-3 digits. Below ``|x| = log(3) / 2`` (tanh = 1/2) this takes
+    ``x + x^3 P(x^2)`` (P a degree-4 fit of ``(tanh(x) - x) / x^3``, the coefficients of the shared helper
+    being written in ``kernels/_common.py``; switch to it once it lands), above it the exp form on ``|x|``
+    (no cancellation there; exp overflowing to inf gives exactly +-1). ``libdevice.tanh`` is a stub returning
+    None under the Triton 3.9 interpreter, where the tests run.
+    """
+    ax = tl.abs(x)
+    x2 = x * x
+    p = -0.006264368
+    p = p * x2 + 0.021064136
+    p = p * x2 - 0.053850297
+    p = p * x2 + 0.13332565
+    p = p * x2 - 0.33333316
+    small = x + x * (x2 * p)
+    big = 1.0 - 2.0 / (tl.exp2(ax * (2.0 * 1.4426950408889634)) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.5493061443340549, small, big)
 
 
 @triton.jit
@@ -200,23 +231,32 @@ def _smaller(cfg: DecodeConfig) -> DecodeConfig | None:
 _FITTED: dict[tuple, DecodeConfig] = {}
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (cached: ``get_device_properties`` is a few us, paid once per device, not per call)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a handful of splits, so tests see several without a long run
 
 
 def choose_splits(programs: int, kv_len: int, sm_count: int, *, min_chunk: int = MIN_CHUNK,
-                  max_splits: int = MAX_SPLITS) -> int:  # fmt: skip
+                  max_splits: int = MAX_SPLITS, programs_per_sm: int = PROGRAMS_PER_SM) -> int:  # fmt: skip
     """How many chunks to cut ``kv_len`` keys into when ``programs`` (B x Hkv x row blocks) share them.
 
-    Aim at two programs per SM (two waves' worth of work; with 2+ resident per SM they run as one), never
-    cut below ``min_chunk`` keys a split, never more than ``max_splits``. H100 (132 SMs), Hkv = 8:
-    B = 1 -> 33 wanted, 32 at 4k keys; B = 16 -> 3; B = 64 -> 1 (the batch fills the GPU alone).
+    NOTE: the rule. Aim at ``programs_per_sm`` (4) programs per SM, never cut below ``min_chunk`` (256) keys a
+    split, never more than ``max_splits``. The merge is no reason to split less: it reads
+    ``rows x splits x (Dv + 2)`` float32, at B = 1, Hq = 32, 16 splits 266 KB next to 16.8 MB of K/V at 4k keys
+    (1.6%); what a split costs is its fixed work (Q load, a pipeline that must fill, the partial store), so the
+    floor is on keys per split, not on the merge. H100 (132 SMs), Hkv = 8, Hq = 32, Sq = 1 (one row block):
+      B = 1,  Sk = 4096:  528 / 8 = 66 wanted, 4096 / 256 = 16 allowed -> 16 splits of 256 keys (128 programs);
+      B = 1,  Sk = 32768: 66 splits of ~512 keys (528 programs);
+      B = 16, Sk = 4096:  528 / 128 -> 5 splits of ~832 keys (640 programs; the first rule gave 3: 384 programs,
+                          2.9 per SM, a tail wave ~half empty);
+      B = 64: 2 splits; B >= 132: 1 (the batch fills the GPU alone).
     """
     if kv_len <= 0 or programs <= 0:
         return 1
-    want = triton.cdiv(2 * sm_count, programs)
+    want = triton.cdiv(programs_per_sm * sm_count, programs)
     return max(1, min(want, kv_len // max(min_chunk, 1), max_splits))
 
 
@@ -328,7 +368,7 @@ def plan(q, k, v, mask=None, *, window_left=None, window_right=None, num_splits=
 
 @triton.jit
 def _decode_split(
-    Q, K, V, Mask, PartAcc, PartM, PartL, PartVSum,
+    Q, K, V, Mask, Part, m_off, l_off, vs_off,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -340,6 +380,11 @@ def _decode_split(
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, VSUM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
+    # the partial state lives in one float32 workspace: acc at 0, m at m_off, l at l_off, the v sums at vs_off
+    PartAcc = Part
+    PartM = Part + m_off
+    PartL = Part + l_off
+    PartVSum = Part + vs_off
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     off_bh = tl.program_id(2)  # b * Hkv + hkv
@@ -430,7 +475,7 @@ def _decode_split(
 
 @triton.jit
 def _decode_merge(
-    PartAcc, PartM, PartL, PartVSum, VMean, Sinks, Out, LSE,
+    Part, m_off, l_off, vs_off, VMean, Sinks, Out, LSE,
     stride_vmb, stride_vmh, stride_vmd, stride_sink,
     Hq, Hkv, GROUPS, Sq, Sk, num_splits,
     fill_thr, fill_lse, sink_unit, inv_sk,
@@ -440,6 +485,10 @@ def _decode_merge(
 ):  # fmt: skip
     """One program per output row ``(b, h, i)``: merge the row's ``num_splits`` partial states."""
     row = tl.cast(tl.program_id(0), tl.int64)  # (b * Hq + h) * Sq + i; out and lse are contiguous
+    PartAcc = Part
+    PartM = Part + m_off
+    PartL = Part + l_off
+    PartVSum = Part + vs_off
     fill_thr = tl.cast(fill_thr, tl.float32)
     fill_lse = tl.cast(fill_lse, tl.float32)
     sink_unit = tl.cast(sink_unit, tl.float32)
@@ -510,11 +559,201 @@ def _decode_merge(
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(kernel, grid, device, args, meta):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta)
+# NOTE: host time. A decode step is ~20-120 us of GPU time, and without CUDA graphs the launcher's Python runs
+# in series with it: the first version validated every argument, built the plan, allocated five tensors,
+# entered a device guard twice and went through Triton's generic launch (binding ~45 arguments and hashing
+# their specialisation) twice -- 165-300 us a call on the H100 host, more than the kernels. Now everything
+# that depends only on shapes, strides, dtypes, devices and the scalar arguments is computed once per such
+# key (`_Launch`, in `_LAUNCHES`): validation, the plan, the argument tuples, the grids. A call with a known
+# key builds the key, allocates out, lse and ONE float32 workspace for the partial state, and launches the
+# two kernels through their compiled handles (`_run`). Nothing reads a tensor's values on the host.
+_FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "1") != "0"
+_MAX_LAUNCHES = 512  # distinct call keys kept; a model has a handful (one per cache length without a static cache)
+
+
+@dataclass
+class _Launch:
+    """Everything a call with one key needs except the tensors themselves."""
+
+    cfg_key: tuple
+    plan: DecodePlan
+    out_shape: tuple
+    lse_shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+    ws_numel: int  # float32 elements of the workspace: acc, then m, l, then the v sums
+    part_offsets: tuple  # (m_off, l_off, vs_off) in elements
+    mask_bool: bool  # pass the mask as uint8
+    vmean: bool  # rule 6 with a window: the launcher takes torch.mean(v)
+    split_grid: tuple
+    split_tail: tuple  # the split kernel's runtime arguments after the 8 pointers/offsets
+    split_meta: dict
+    merge_grid: tuple
+    merge_tail: tuple  # the merge kernel's runtime arguments after the vmean strides
+    merge_meta: dict
+    compiled: dict  # (kernel name, pointer alignment flags) -> Triton's compiled kernel (CUDA only)
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+
+
+def _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits) -> tuple:
+    """Everything the launch depends on but the data. Raises AttributeError for a non-tensor argument.
+
+    Scalars carry their type: ``True == 1 == 1.0`` hash alike, and validation must see each spelling once.
+    """
+    mk = None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device)
+    sk = None if sinks is None else (sinks.shape, sinks.stride(), sinks.dtype, sinks.device)
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+        q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mk, sk,
+        type(scale), scale, type(window_left), window_left, type(window_right), window_right,
+        type(mask_fill), mask_fill, type(softcap), softcap, type(num_splits), num_splits,
+    )  # fmt: skip
+
+
+def _broadcast_strides(shape, stride, target) -> tuple:
+    """Strides of ``torch.broadcast_to(t, target)`` from ``t``'s shape and strides (0 on broadcast dims)."""
+    pad = len(target) - len(shape)
+    return tuple(0 if j < 0 or shape[j] == 1 else stride[j] for j in range(-pad, len(shape)))
+
+
+def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits, cfg) -> _Launch:
+    B, Hq, Sq, D = q.shape
+    _, Hkv, Sk, Dv = v.shape
+    groups = Hq // Hkv
+    device = q.device
+    if mask is None:
+        mask_kind, mask_dtype, mask_strides = _MASK_NONE, None, (0, 0, 0, 0)
     else:
+        mask_kind = _MASK_BOOL if mask.dtype == torch.bool else _MASK_ADD
+        mask_dtype = torch.uint8 if mask.dtype == torch.bool else mask.dtype
+        mask_strides = _broadcast_strides(tuple(mask.shape), mask.stride(), (B, Hq, Sq, Sk))
+    score_unit = 1.0 if mask_kind == _MASK_ADD else _LOG2E
+
+    wl, wr = _clamp_band(Sq, Sk, window_left, window_right)
+    mask_fill = float(mask_fill)
+    finite_fill = math.isfinite(mask_fill) and sinks is None  # rule 6 (not with sinks: rule 8)
+    softcap = float(softcap)
+    has_softcap = softcap > 0
+    interpreted_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    cfg_key = (D, Dv, q.dtype, mask_dtype, device)
+    if cfg is None:
+        cfg = _FITTED.get(cfg_key) or _pick_config(max(D, Dv), q.dtype, device)
+
+    pl = _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device)
+    splits, chunk, kv_lo, kv_hi = pl.num_splits, pl.chunk, pl.kv_lo, pl.kv_hi
+    # keys inside the band for every row: j >= Sq - 1 - wl and j <= wr (and j < Sk)
+    in_lo = triton.cdiv(max(Sq - 1 - wl, 0), cfg.block_n) * cfg.block_n
+    in_hi = max(min(wr + 1, Sk), 0)
+    # rule 6 needs the mean of v over all Sk keys: from the split programs when their chunks cover them all
+    vsum = finite_fill and kv_lo == 0 and kv_hi == Sk
+    fill_thr = mask_fill / 2 * score_unit if finite_fill else 0.0
+    fill_lse = mask_fill + (math.log(Sk) if Sk > 0 else -math.inf) if finite_fill else 0.0
+
+    n_rows = B * Hq * Sq
+    m_off = n_rows * splits * Dv
+    l_off = m_off + n_rows * splits
+    vs_off = l_off + n_rows * splits
+    ws_numel = vs_off + (B * Hkv * splits * Dv if vsum else 0)
+    block_dv = max(16, triton.next_power_of_2(Dv))
+
+    # fmt: off
+    split_tail = (
+        m_off, l_off, vs_off,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        Hkv, groups, Sq, Sk, kv_lo, kv_hi, chunk, splits, in_lo, in_hi,
+        float(scale) * score_unit,
+        float(scale) / softcap if has_softcap else 0.0,
+        softcap * score_unit,
+        wl, wr,
+    )
+    merge_tail = (
+        0 if sinks is None else sinks.stride(0),
+        Hq, Hkv, groups, Sq, Sk, splits,
+        fill_thr, fill_lse, score_unit, 1.0 / Sk if Sk > 0 else math.nan,
+    )
+    # fmt: on
+    split_meta = {
+        "HEAD_DIM": D,
+        "HEAD_DIM_V": Dv,
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+        "BLOCK_DV": block_dv,
+        "BLOCK_M": pl.block_m,
+        "BLOCK_N": cfg.block_n,
+        "MASK_KIND": mask_kind,
+        "HAS_SOFTCAP": has_softcap,
+        "VSUM": vsum,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "INTERPRET_BF16": interpreted_bf16,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+    merge_meta = {
+        "HEAD_DIM_V": Dv,
+        "BLOCK_DV": block_dv,
+        "BLOCK_S": _MERGE_BLOCK_S,
+        "NATURAL": mask_kind == _MASK_ADD,
+        "FINITE_FILL": finite_fill,
+        "HAS_SINKS": sinks is not None,
+        "VSUM": vsum,
+        "INTERPRET_BF16": interpreted_bf16,
+        "num_warps": 1 if Dv <= 64 else 2,
+    }
+    return _Launch(
+        cfg_key=cfg_key,
+        plan=pl,
+        out_shape=(B, Hq, Sq, Dv),
+        lse_shape=(B, Hq, Sq),
+        dtype=q.dtype,
+        device=device,
+        ws_numel=ws_numel,
+        part_offsets=(m_off, l_off, vs_off),
+        mask_bool=mask_kind == _MASK_BOOL,
+        vmean=finite_fill and not vsum,
+        split_grid=(splits, pl.m_blocks, B * Hkv),
+        split_tail=split_tail,
+        split_meta=split_meta,
+        merge_grid=(n_rows, 1, 1),  # three entries: the compiled handle indexes all of them
+        merge_tail=merge_tail,
+        merge_meta=merge_meta,
+        compiled={},
+    )
+
+
+def _check_num_splits(num_splits) -> None:
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
+
+
+def _run(kernel, launch: _Launch, grid, args, meta) -> None:
+    """Launch ``kernel``; on CUDA through the compiled handle Triton returned the first time for this key.
+
+    Triton's generic path binds the ~45 arguments and hashes their specialisation on every call (tens of us
+    for two kernels). Every value it specialises on is fixed by the call key (ints, dtypes, strides) except
+    the pointers' 16-byte alignment, which is part of the handle's key here. The handle is per device, so it
+    is used only when that device is current (no device guard to enter).
+    """
+    device = launch.device
+    if device.type != "cuda":
+        kernel[grid](*args, **meta)
+        return
+    if _FAST_LAUNCH and torch.cuda.current_device() == device.index:
+        slot = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel),
+                *[a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)])  # fmt: skip
+        entry = launch.compiled.get(slot)
+        if entry is not None:
+            compiled, consts = entry
+            compiled[grid](*args, *consts)
+            return
+        compiled = kernel[grid](*args, **meta)
+        names = getattr(kernel, "arg_names", None)
+        if compiled is not None and hasattr(compiled, "packed_metadata") and names is not None:
+            # the compiled kernel takes every parameter positionally, constexprs included, as Triton's own run does
+            consts = tuple(meta[name] for name in names[len(args) :])
+            launch.compiled[slot] = (compiled, consts)
+        return
+    with torch.cuda.device(device):
         kernel[grid](*args, **meta)
 
 
@@ -537,119 +776,65 @@ def flash_decode_forward(
     Same arguments and semantics as ``flash_fwd.flash_attention_forward`` without dropout; meant for
     ``Sq <= 16`` (``supports``) but correct for any ``Sq``. ``num_splits`` (None: ``choose_splits``) is a
     request: it is capped so that no split is empty. Bad arguments raise ``ValueError`` naming the argument.
+    Validation and planning run once per call key (shapes, strides, dtypes, devices, scalars): see `_Launch`.
     """
-    _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
-    _validate_sinks(q, sinks)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
-    B, Hq, Sq, D = q.shape
-    _, Hkv, Sk, Dv = v.shape
-    groups = Hq // Hkv
-    device = q.device
-    out = torch.empty((B, Hq, Sq, Dv), dtype=q.dtype, device=device)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=device)
+    try:
+        key = _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits)
+        launch = _LAUNCHES.get(key)
+    except (AttributeError, TypeError):  # a non-tensor (or unhashable) argument: validation names it
+        key, launch = None, None
+    if launch is None:
+        _validate(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap)
+        _validate_sinks(q, sinks)
+        _check_num_splits(num_splits)
+        launch = _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits, None)
+        if key is not None:
+            if len(_LAUNCHES) >= _MAX_LAUNCHES:
+                _LAUNCHES.clear()
+            _LAUNCHES[key] = launch
+    scalars = (scale, window_left, window_right, mask_fill, softcap, num_splits)
+    return _forward(launch, key, scalars, q, k, v, mask, sinks)
+
+
+def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
+    device = launch.device
+    out = torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
+    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out, lse
-
+    ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
     if mask is None:
-        mask_kind, mask_arg, mask_strides = _MASK_NONE, q, (0, 0, 0, 0)
+        mask_arg = q
     else:
-        mask_arg = torch.broadcast_to(mask, (B, Hq, Sq, Sk))  # stride-0 views: never materialised
-        if mask.dtype == torch.bool:
-            mask_kind, mask_arg = _MASK_BOOL, mask_arg.view(torch.uint8)
-        else:
-            mask_kind = _MASK_ADD
-        mask_strides = mask_arg.stride()
-    score_unit = 1.0 if mask_kind == _MASK_ADD else _LOG2E
-
-    wl, wr = _clamp_band(Sq, Sk, window_left, window_right)
-    mask_fill = float(mask_fill)
-    finite_fill = math.isfinite(mask_fill) and sinks is None  # rule 6 (not with sinks: rule 8)
-    softcap = float(softcap)
-    has_softcap = softcap > 0
-    interpreted_bf16 = _interpreting() and q.dtype == torch.bfloat16
-
-    cfg_key = (D, Dv, q.dtype, None if mask is None else mask_arg.dtype, device)
-    cfg = _FITTED.get(cfg_key) or _pick_config(max(D, Dv), q.dtype, device)
-
+        mask_arg = mask.view(torch.uint8) if launch.mask_bool else mask
     while True:
-        pl = _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device)
-        splits, chunk, kv_lo, kv_hi = pl.num_splits, pl.chunk, pl.kv_lo, pl.kv_hi
-        # keys inside the band for every row: j >= Sq - 1 - wl and j <= wr (and j < Sk)
-        in_lo = triton.cdiv(max(Sq - 1 - wl, 0), cfg.block_n) * cfg.block_n
-        in_hi = max(min(wr + 1, Sk), 0)
-
-        # rule 6 needs the mean of v over all Sk keys: from the split programs when their chunks cover them all
-        vsum = finite_fill and kv_lo == 0 and kv_hi == Sk
-        if finite_fill and not vsum:
-            vmean = torch.mean(v, dim=-2, dtype=torch.float32)
-            vmean_strides = vmean.stride()
-        else:
-            vmean, vmean_strides = lse, (0, 0, 0)
-        fill_thr = mask_fill / 2 * score_unit if finite_fill else 0.0
-        fill_lse = mask_fill + (math.log(Sk) if Sk > 0 else -math.inf) if finite_fill else 0.0
-
-        n_rows = B * Hq * Sq
-        part_acc = torch.empty((n_rows, splits, Dv), dtype=torch.float32, device=device)
-        part_m = torch.empty((n_rows, splits), dtype=torch.float32, device=device)
-        part_l = torch.empty((n_rows, splits), dtype=torch.float32, device=device)
-        part_vsum = torch.empty((B * Hkv, splits, Dv), dtype=torch.float32, device=device) if vsum else part_m
-
-        # fmt: off
-        split_args = (
-            q, k, v, mask_arg, part_acc, part_m, part_l, part_vsum,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            Hkv, groups, Sq, Sk, kv_lo, kv_hi, chunk, splits, in_lo, in_hi,
-            float(scale) * score_unit,
-            float(scale) / softcap if has_softcap else 0.0,
-            softcap * score_unit,
-            wl, wr,
-        )
-        # fmt: on
-        split_meta = {
-            "HEAD_DIM": D,
-            "HEAD_DIM_V": Dv,
-            "BLOCK_D": max(16, triton.next_power_of_2(D)),
-            "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
-            "BLOCK_M": pl.block_m,
-            "BLOCK_N": cfg.block_n,
-            "MASK_KIND": mask_kind,
-            "HAS_SOFTCAP": has_softcap,
-            "VSUM": vsum,
-            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "INTERPRET_BF16": interpreted_bf16,
-            "num_warps": cfg.num_warps,
-            "num_stages": cfg.num_stages,
-        }
         try:
-            _launch(_decode_split, (splits, pl.m_blocks, B * Hkv), device, split_args, split_meta)
+            _run(_decode_split, launch, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
+                 launch.split_meta)  # fmt: skip
             break
         except OutOfResources as e:
+            cfg = launch.plan.config
             smaller = _smaller(cfg)
             if smaller is None:
                 raise
             log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, smaller)
-            cfg = smaller
-    _FITTED[cfg_key] = cfg
+            _FITTED[launch.cfg_key] = smaller
+            _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) replan with the smaller config
+            launch = _build(q, k, v, mask, sinks, *scalars, smaller)
+            if key is not None:
+                _LAUNCHES[key] = launch
+            ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
+    _FITTED.setdefault(launch.cfg_key, launch.plan.config)
 
+    if launch.vmean:
+        vm = torch.mean(v, dim=-2, dtype=torch.float32)
+        vm_arg, vm_strides = vm, vm.stride()
+    else:
+        vm_arg, vm_strides = lse, (0, 0, 0)
     # fmt: off
     merge_args = (
-        part_acc, part_m, part_l, part_vsum, vmean, lse if sinks is None else sinks, out, lse,
-        *vmean_strides, 0 if sinks is None else sinks.stride(0),
-        Hq, Hkv, groups, Sq, Sk, splits,
-        fill_thr, fill_lse, score_unit, 1.0 / Sk if Sk > 0 else math.nan,
+        ws, *launch.part_offsets, vm_arg, lse if sinks is None else sinks, out, lse, *vm_strides, *launch.merge_tail,
     )
     # fmt: on
-    merge_meta = {
-        "HEAD_DIM_V": Dv,
-        "BLOCK_DV": max(16, triton.next_power_of_2(Dv)),
-        "BLOCK_S": _MERGE_BLOCK_S,
-        "NATURAL": mask_kind == _MASK_ADD,
-        "FINITE_FILL": finite_fill,
-        "HAS_SINKS": sinks is not None,
-        "VSUM": vsum,
-        "INTERPRET_BF16": interpreted_bf16,
-        "num_warps": 1 if Dv <= 64 else 2,
-    }
-    _launch(_decode_merge, (n_rows,), device, merge_args, merge_meta)
+    _run(_decode_merge, launch, launch.merge_grid, merge_args, launch.merge_meta)
     return out, lse

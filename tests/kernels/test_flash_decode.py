@@ -21,6 +21,8 @@ import pathlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from flashfuse.kernels import flash_decode
 from flashfuse.kernels.flash_decode import choose_splits, flash_decode_forward, supports
@@ -53,6 +55,7 @@ def _seed_and_poison(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(flash_decode, "_LAUNCHES", {})  # every test plans its own calls
 
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout="bhsd"):
@@ -294,6 +297,38 @@ def test_softcap(dtype, device):
     _check(q, k, v, mask, scale=0.5, softcap=15.0, window_left=_sliding(4, 150, 30)[0], window_right=146, num_splits=2)
 
 
+@triton.jit
+def _tanh_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(Y + offs, flash_decode._tanh(tl.load(X + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def test_tanh_is_accurate_for_small_arguments(device):
+    # 1 - 2 / (exp(2x) + 1) is ~1.2e-7 off whatever x is: 1e-3 relative at x = 1e-4. Within 4 ulp here.
+    x = torch.cat([torch.logspace(-8, 0, 200), torch.linspace(0.5, 20, 100), torch.tensor([0.0])])
+    x = torch.cat([x, -x]).to(device)
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    ref = torch.tanh(x.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-30))[ref != 0]
+    assert rel.max() <= 4 * 2.0**-24, f"max relative error {rel.max():.3e}"
+    assert torch.equal(y[x == 0], x[x == 0])
+
+
+def test_softcap_50_with_small_scores(device):
+    # Gemma 2's cap: every s / 50 is small, where the old tanh lost 2-3 digits; fp32 must stay within 2x eager
+    q, k, v = _qkv(1, 8, 2, 2, 300, 64, FP32, device)
+    kw = {"scale": 0.05, "softcap": 50.0, "window_right": 298}
+    out, lse = flash_decode_forward(q, k, v, num_splits=3, **kw)
+    ref, ref_lse = attention_ref(q, k, v, upcast=True, **kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, **kw)
+    err, eager = (out.double() - ref).abs().max(), (low.double() - ref).abs().max()
+    assert err <= 2 * eager + 1e-7, f"out error {err:.3e} vs eager {eager:.3e}"
+    lerr, leager = (lse.double() - ref_lse.double()).abs().max(), (low_lse.double() - ref_lse.double()).abs().max()
+    assert lerr <= 2 * leager + 1e-7, f"lse error {lerr:.3e} vs eager {leager:.3e}"
+
+
 @pytest.mark.parametrize("kind", [None, "bool", "add-bf16"])
 def test_sinks(kind, device):
     B, Hq, Hkv, Sq, Sk = 2, 4, 2, 3, 131
@@ -347,14 +382,122 @@ def test_empty_query(device):
 
 
 def test_choose_splits():
-    # H100: 132 SMs; Hq=32/Hkv=8 -> 8 programs a batch element
-    assert choose_splits(8, 4096, 132) == 32  # capped by 128-key chunks
-    assert choose_splits(8, 32768, 132) == 33
-    assert choose_splits(128, 32768, 132) == 3
-    assert choose_splits(512, 32768, 132) == 1
-    assert choose_splits(8, 100, 132) == 1
+    # H100: 132 SMs; Hq=32/Hkv=8, Sq=1 -> 8 programs a batch element; the rule aims at 4 programs per SM with
+    # at least 256 keys a split (the measured shapes of bench/decode.py --quick)
+    assert choose_splits(8, 4096, 132) == 16  # B=1, 4k: 66 wanted, capped by 256-key chunks (not 32 of 128)
+    assert choose_splits(8, 32768, 132) == 66  # B=1, 32k
+    assert choose_splits(128, 4096, 132) == 5  # B=16, 4k: more than the 3 that left a half-empty tail wave
+    assert choose_splits(128, 4096, 132) * 128 >= 4 * 132
+    assert choose_splits(128, 32768, 132) == 5
+    assert choose_splits(512, 32768, 132) == 2  # B=64
+    assert choose_splits(1056, 32768, 132) == 1  # B=132: the batch fills the GPU alone
+    assert choose_splits(8, 200, 132) == 1  # fewer keys than one chunk
     assert choose_splits(8, 0, 132) == 1
     assert choose_splits(1, 1 << 20, 132) == flash_decode.MAX_SPLITS
+    for programs in (1, 8, 64, 128, 512):
+        for kv_len in (256, 1000, 4096, 32768):
+            ns = choose_splits(programs, kv_len, 132)
+            assert 1 <= ns <= flash_decode.MAX_SPLITS and (ns == 1 or kv_len // ns >= flash_decode.MIN_CHUNK)
+
+
+def test_plan_at_the_measured_shapes(monkeypatch):
+    # the whole plan (chunks rounded to BLOCK_N = 64), as the launcher makes it on a 132-SM GPU
+    monkeypatch.setattr(flash_decode, "_sm_count", lambda device: 132)
+    cfg = flash_decode.DecodeConfig(64, 64, 4, 3)
+    for B, Sk, splits, chunk in [(1, 4096, 16, 256), (16, 4096, 5, 832), (1, 32768, 64, 512), (16, 32768, 5, 6592)]:
+        pl = flash_decode._plan(cfg, B, 8, 4, 1, Sk, 1, Sk - 1, None, torch.device("cpu"))
+        assert (pl.num_splits, pl.chunk, pl.m_blocks, pl.block_m) == (splits, chunk, 1, 16), (B, Sk, pl)
+
+
+def test_sm_count_is_cached(monkeypatch):
+    calls = []
+
+    class Props:
+        multi_processor_count = 132
+
+    def props(device):
+        calls.append(device)
+        return Props()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    flash_decode._sm_count.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)
+        assert [flash_decode._sm_count(dev) for _ in range(3)] == [132] * 3
+        assert len(calls) == 1
+    finally:
+        flash_decode._sm_count.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# host path: a known call key skips validation and planning, allocates three tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def _count_host_work(monkeypatch):
+    counts = {"validate": 0, "plan": 0, "empty": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(flash_decode, "_validate", counted("validate", flash_decode._validate))
+    monkeypatch.setattr(flash_decode, "_plan", counted("plan", flash_decode._plan))
+    monkeypatch.setattr(torch, "empty", counted("empty", torch.empty))
+    return counts
+
+
+@pytest.mark.parametrize("kind", [None, "bool", "add-fp32"])
+def test_known_call_skips_validation_and_planning(kind, device, monkeypatch):
+    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 1, 300
+    counts = _count_host_work(monkeypatch)
+    mask = None
+    if kind is not None:
+        keep = _left_padding([300, 250], Sk, device)
+        mask = keep if kind == "bool" else torch.zeros(keep.shape, device=device).masked_fill(~keep, FP32_MIN)
+    kw = {"scale": 0.2, "window_right": Sk - Sq, "mask_fill": FP32_MIN, "num_splits": 3}
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, FP32, device)
+    flash_decode_forward(q, k, v, mask, **kw)
+    assert counts["validate"] == 1 and counts["plan"] == 1
+    counts.update(validate=0, plan=0, empty=0)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, FP32, device)  # same key, new data
+    out, lse = flash_decode_forward(q, k, v, mask, **kw)
+    assert counts == {"validate": 0, "plan": 0, "empty": 3}, counts  # out, lse, one workspace for the partials
+    ref, ref_lse = attention_ref(q, k, v, mask, upcast=True, **{n: a for n, a in kw.items() if n != "num_splits"})
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=0)
+    # a new scalar is a new key: validated and planned again, and its value is used
+    out2, _ = flash_decode_forward(q, k, v, mask, **{**kw, "scale": 0.4})
+    assert counts["validate"] == 1 and counts["plan"] == 1
+    ref2, _ = attention_ref(q, k, v, mask, upcast=True, scale=0.4, window_right=Sk - Sq, mask_fill=FP32_MIN)
+    torch.testing.assert_close(out2.double(), ref2, atol=1e-5, rtol=0)
+
+
+def test_known_shapes_still_reject_bad_scalars(device):
+    q, k, v = _qkv(1, 4, 2, 1, 300, 16, FP16, device)
+    flash_decode_forward(q, k, v, scale=0.25)
+    with pytest.raises(ValueError, match="scale"):
+        flash_decode_forward(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_decode_forward(q, k, v, scale=0.25, num_splits=True)  # hashes like 1: the key holds the type
+    with pytest.raises(ValueError, match="q: expected a torch.Tensor"):
+        flash_decode_forward(None, k, v, scale=0.25)
+
+
+def test_window_with_finite_fill_takes_the_mean_per_call(device):
+    # the windowed rule-6 path computes torch.mean(v) per call: a cached launch must not keep an old v's mean
+    Sq, Sk = 2, 300
+    q, k, v = _qkv(1, 4, 2, Sq, Sk, 32, FP32, device)
+    keep = torch.zeros(1, 1, Sq, Sk, dtype=torch.bool, device=device)  # every row empty -> mean of v
+    kw = {"scale": 0.2, "window_left": _sliding(Sq, Sk, 40)[0], "window_right": Sk - Sq, "mask_fill": -1e4}
+    flash_decode_forward(q, k, v, keep, num_splits=2, **kw)
+    v2 = torch.randn_like(v)
+    out, _ = flash_decode_forward(q, k, v2, keep, num_splits=2, **kw)
+    ref, _ = attention_ref(q, k, v2, keep, upcast=True, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_supports(device):
