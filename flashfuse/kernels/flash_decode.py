@@ -796,6 +796,12 @@ def flash_decode_forward(
     return _forward(launch, key, scalars, q, k, v, mask, sinks)
 
 
+# NOTE: one split still runs the merge. Skipping it would need the merge's epilogue (rule 6's mean of v, rule 8's
+# sinks, the lse) in the split kernel as well, for a case the split rule reaches only when the batch alone
+# fills the GPU (B x Hkv x row blocks >= 4 x SMs, e.g. B >= 66 at Hkv = 8 on an H100) or the band is under
+# 512 keys. There the merge reads rows x (Dv + 2) float32 -- B = 132, Hq = 32: 2.2 MB next to 2.2 GB of K/V at
+# 4k keys (0.1%) -- so what it costs is one launch: ~3-5 us of GPU time and, with the compiled handle, a few
+# us of host time. Not worth a second epilogue until a trace shows it.
 def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     device = launch.device
     out = torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
