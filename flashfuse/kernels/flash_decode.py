@@ -567,7 +567,10 @@ def _decode_merge(
 # key (`_Launch`, in `_LAUNCHES`): validation, the plan, the argument tuples, the grids. A call with a known
 # key builds the key, allocates out, lse and ONE float32 workspace for the partial state, and launches the
 # two kernels through their compiled handles (`_run`). Nothing reads a tensor's values on the host.
-_FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "1") != "0"
+# NOTE: off by default until it has run on a GPU (it calls Triton's compiled handle directly, written against
+# triton 3.9's launcher; the GPU image has 3.6): a wrong positional argument there would not raise.
+# FLASHFUSE_DECODE_FAST_LAUNCH=1 turns it on (tests/kernels/test_flash_decode.py has its GPU test).
+_FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "0") == "1"
 _MAX_LAUNCHES = 512  # distinct call keys kept; a model has a handful (one per cache length without a static cache)
 
 
