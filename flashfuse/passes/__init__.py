@@ -118,13 +118,19 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node,
     return new, val_map
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 def _trusted_constants(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
     """Placeholders that hold module buffers, with their values at compile time (mask structure reads them)."""
     found = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
-        if not isinstance(value, torch.Tensor) or value.requires_grad:
-            continue
+        if not isinstance(value, torch.Tensor) or value.requires_grad or _is_fake(value):
+            continue  # fake inputs (DDP's bucket split compiles submodules on fakes): no value to read
         source = node.meta.get("grapharg")
         name = str(getattr(getattr(source, "source", None), "name", "") or "")
         if callable(name):

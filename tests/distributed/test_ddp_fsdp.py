@@ -12,8 +12,8 @@ interpreter. Checked here, from the files the ranks leave:
    and every gradient against (a) the single-process flashfuse run, to float32 rounding of a different
    reduction order, and (b) eager float32 / float64 with the numerics rule of ``tests/models/training.py``.
 
-Variants: DDP (one graph); DDP with 10 kB buckets (Dynamo's DDPOptimizer splits the graph: a strict xfail,
-see ``DDP_SPLIT_FAKE_BUFFER``); FSDP2 with the root compiled; FSDP2 with each block compiled (torchtitan's
+Variants: DDP (one graph); DDP with 10 kB buckets (Dynamo's DDPOptimizer splits the graph and compiles the
+pieces on fake inputs: the buffer mask then reaches the kernel as a tensor); FSDP2 with the root compiled; FSDP2 with each block compiled (torchtitan's
 recipe); DDP through Inductor (``slow``: ~60 s with cold Inductor caches, ~12 s warm). The whole file: ~105 s on
 2 shared cores with warm caches.
 
@@ -139,17 +139,11 @@ JOBS = {
 }
 
 
-# NOTE: Dynamo's DDPOptimizer compiles each bucket's piece of the graph with *fake* example inputs (it
-# propagates fake tensors through the split module), so the placeholder that holds nanoGPT's ``tril`` buffer
-# reaches flashfuse as a FakeTensor. ``flashfuse/passes/__init__.py::_trusted_constants`` trusts it as a
-# buffer value and the causal proof reads its data: DataDependentOutputException (aten._local_scalar_dense),
-# reported as "flashfuse internal error while matching", both sites left to Inductor. The losses and
-# gradients stay right (plain attention); only the rewrite is lost. A model > 25 MB (DDP's default bucket)
-# splits the same way, so nanoGPT-style buffer masks under compiled DDP are not rewritten today.
-DDP_SPLIT_FAKE_BUFFER = ("DDPOptimizer hands flashfuse fake example inputs: the tril buffer cannot be read "
-                         "(DataDependentOutputException), the sites are not rewritten")
+# NOTE: Dynamo's DDPOptimizer compiles each bucket's piece of the graph with *fake* example inputs, so the
+# placeholder holding nanoGPT's ``tril`` buffer reaches flashfuse as a FakeTensor. ``_trusted_constants`` skips
+# fake values (it used to read them: DataDependentOutputException, both sites left alone); the mask then goes to
+# the kernel as a boolean tensor (correct, blocks not skipped by structure).
 MARKS = {
-    "ddp_small_buckets": [pytest.mark.xfail(strict=True, raises=NotAllRewritten, reason=DDP_SPLIT_FAKE_BUFFER)],
     # Inductor's C++ compile on both ranks at once: ~60 s of the 2-core machine
     "ddp_inductor": [pytest.mark.slow],
 }
