@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from flashfuse.passes.canonicalize import to_dtype
-from flashfuse.passes.graph_utils import is_max, is_min, get_arg, val
+from flashfuse.passes.graph_utils import get_arg, is_max, is_min, tensor_val as tensor_val_of, val
 
 __all__ = ["Sym", "MaskAnalyzer", "Band", "band_of_keep", "band_of_bias"]
 
@@ -248,6 +248,10 @@ class MaskAnalyzer:
             return _make(expr, sizes, x.dims, x.rules + ("tril_band" if lower else "triu_band",))
         if t is operator.getitem:
             return self._getitem(n, sizes)
+        if t in (torch.diff, "diff"):
+            return self._diff(n, sizes)
+        if t in (torch.cumsum, "cumsum"):
+            return self._cumsum(n, sizes)
         if t in _COMPARE_TARGETS:
             return self._binary(n, lambda a, b: _compare(_COMPARE_TARGETS[t], a, b), sizes, "compare")
         if t in _AND:
@@ -311,6 +315,8 @@ class MaskAnalyzer:
             return None
         if not isinstance(idx, tuple):
             idx = (idx,)
+        if idx and all(isinstance(i, fx.Node) for i in idx):
+            return self._gather(x, idx, sizes)
         n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
         expanded = []
         for i in idx:
@@ -347,6 +353,60 @@ class MaskAnalyzer:
         if len(dims) != len(sizes):
             return None
         return _make(expr, sizes, tuple(dims), x.rules + ("slice_shift",))
+
+    def _gather(self, x: Sym, idx: tuple, sizes) -> Sym | None:
+        """``x[i0, i1, ...]`` with integer index tensors (transformers' ``position_ids[batch_idx, q_idx]``): the
+        index tensors broadcast to the result's leading dims and take the place of the dims they index."""
+        k = len(idx)
+        if k > len(x.dims):
+            return None
+        index_syms = []
+        for i in idx:
+            iv = tensor_val_of(i)
+            if iv is None or iv.dtype not in (torch.int64, torch.int32):
+                return None
+            sym = self.evaluate(i)
+            if sym is None or sym.atoms:
+                return None
+            index_syms.append(sym)
+        lead = sizes[: len(sizes) - (len(x.dims) - k)]
+        dims_lead, exprs = _broadcast(index_syms, lead)
+        expr = x.expr
+        if hasattr(expr, "subs"):
+            expr = expr.subs({d: e for d, e in zip(x.dims[:k], exprs)}, simultaneous=True)
+        rules = x.rules + tuple(r for sym in index_syms for r in sym.rules) + ("gather",)
+        return _make(expr, sizes, tuple(dims_lead) + tuple(x.dims[k:]), rules)
+
+    def _diff(self, n: fx.Node, sizes) -> Sym | None:
+        """``torch.diff(x, dim=-1, prepend=p)``: ``out[t] = x[t] - x[t-1]`` with ``x[-1] = p`` (one column)."""
+        x = self.evaluate(n.args[0])
+        dim = get_arg(n, 2, "dim", -1)
+        prepend = n.kwargs.get("prepend")
+        if x is None or x.atoms or get_arg(n, 1, "n", 1) != 1 or n.kwargs.get("append") is not None:
+            return None
+        if dim not in (-1, len(x.dims) - 1) or prepend is None:
+            return None
+        p = self.evaluate(prepend)
+        pv = tensor_val_of(prepend)
+        if p is None or p.atoms or pv is None or pv.dim() != len(x.dims) or not _is_one(pv.shape[-1]):
+            return None
+        # p lines up with x on every dim but the last (size 1 there): their symbols unify
+        dims, (x_expr, p_expr) = _broadcast([x, p], tuple(x.sizes))
+        t = dims[-1]
+        prev = sympy.Piecewise((p_expr, sympy.Eq(t, 0)), (x_expr.subs(t, t - 1), True))
+        return _make(sympy.simplify(x_expr - prev), sizes, dims, x.rules + p.rules + ("diff",))
+
+    def _cumsum(self, n: fx.Node, sizes) -> Sym | None:
+        """``cumsum`` along the last dim of a value that does not depend on that dim: ``c * (t + 1)``."""
+        x = self.evaluate(n.args[0])
+        dim = get_arg(n, 1, "dim")
+        if x is None or x.atoms or dim not in (-1, len(x.dims) - 1):
+            return None
+        t = x.dims[-1]
+        c = _to_num(x.expr)
+        if not hasattr(c, "free_symbols") or t in c.free_symbols:
+            return None
+        return _make(sympy.simplify(c * (t + 1)), sizes, x.dims, x.rules + ("cumsum",))
 
     def _constant_tensor(self, n: fx.Node, sizes) -> Sym | None:
         if n.op == "get_attr":
@@ -578,18 +638,23 @@ def band_of_keep(keep: Sym, scores_rank: int, q_one: bool = False, k_one: bool =
     return Band(bounds[0], bounds[1], keep.rules, bounds[2])
 
 
+def _is_zero(e) -> bool:
+    """0 or 0.0 (sympy >= 1.13: ``Float(0.0) == 0`` is False, so a ``where(keep, 0.0, fill)`` needs this)."""
+    return getattr(e, "is_zero", None) is True or (isinstance(e, (int, float)) and e == 0)
+
+
 def band_of_bias(bias: Sym, scores_rank: int, fill_threshold: float, q_one: bool = False, k_one: bool = False):
     """``(Band, fill)`` if an additive bias is 0 inside a band and one fill value (<= threshold) outside."""
     expr = _align(bias, scores_rank)
     if expr is None:
         return None
-    if expr == 0:
+    if _is_zero(expr):
         return Band(None, None, bias.rules), None
     if not isinstance(expr, sympy.Piecewise):
         return None
     branches = list(_exclusive(expr))
-    zero = [cond for value, cond in branches if value == 0]
-    other = {value for value, cond in branches if value != 0}
+    zero = [cond for value, cond in branches if _is_zero(value)]
+    other = {value for value, cond in branches if not _is_zero(value)}
     if len(zero) != 1 or len(other) != 1:
         return None
     fill = other.pop()

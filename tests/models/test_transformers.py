@@ -179,3 +179,18 @@ def test_five_lengths_compile_at_most_twice_and_stay_rewritten():
     assert len(report.graphs) <= 2, str(report)
     assert report.total == report.rewritten == DEFAULT_SITES[0] * len(report.graphs), str(report)
     assert all(site.flags["causal"] for site in report.sites)
+
+
+def test_forward_without_a_cache_keeps_the_band():
+    """``use_cache=False`` (training): transformers then builds its mask for possibly packed sequences, gathering
+    position ids (``position_ids[b, kv] <= position_ids[b, q]``, same-sequence ids by diff/cumsum). With the
+    position ids made in the graph from an arange, that is still the causal band: no mask is read."""
+    model, kind = _model("llama")
+    ids = torch.randint(1, model.config.vocab_size, (2, 16))
+
+    def fn(x):
+        return model(input_ids=x, use_cache=False).logits
+
+    with torch.no_grad():
+        report = check_forward(fn, (ids,), DEFAULT_SITES[0], structure=_structure("llama", kind, band=True))
+    assert all(site.flags["mask"] == "none" and site.flags["causal"] for site in report.sites), str(report)

@@ -629,3 +629,40 @@ def test_bias_with_a_causal_mask_folded_in_keeps_the_band():
     q, k, v = qkv(B=B, H=H, S=S)
     rep = check(fn, q, k, v, -torch.rand(H), flags={"causal": True, "mask": "additive", "dense_mask": False})
     assert rep.rewritten == 1
+
+
+def _packed_mask_attention(q, k, v, position_ids=None):
+    """transformers' mask for possibly packed sequences (use_cache=False): causal on gathered position ids AND
+    'same sequence' from diff/cumsum of the position ids, then where(keep, 0, min) added to the scores."""
+    B, S = q.shape[0], q.shape[-2]
+    pos = torch.arange(S)[None].expand(B, -1) if position_ids is None else position_ids
+    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    b = torch.arange(B)[:, None, None, None]
+    i = torch.arange(S)[None, None, :, None]
+    j = torch.arange(S)[None, None, None, :]
+    keep = (pos[b, j] <= pos[b, i]) & (seq[b, i] == seq[b, j])
+    fill = torch.full((), torch.finfo(q.dtype).min, dtype=q.dtype)
+    s = q @ k.transpose(-2, -1) * 0.25 + torch.where(keep, torch.zeros((), dtype=q.dtype), fill)
+    return s.softmax(-1) @ v
+
+
+def test_gathered_position_ids_from_an_arange_are_a_causal_band():
+    rep = check(_packed_mask_attention, *qkv(S=20), flags={"causal": True, "mask": "none"})
+    assert "gather" in only_site(rep).flags["structure"] and "cumsum" in only_site(rep).flags["structure"]
+
+
+def test_packed_position_ids_from_the_caller_stay_a_mask():
+    """Position ids that are data (two packed sequences per row): block-diagonal, not a band; read as a mask."""
+    pos = torch.cat([torch.arange(12), torch.arange(8)])[None].expand(2, -1).contiguous()
+    rep = check(_packed_mask_attention, *qkv(S=20), pos)
+    assert only_site(rep).flags["mask"] != "none"
+
+
+def test_where_with_python_scalar_zero_and_fill_is_a_band():
+    """``torch.where(keep, 0.0, min)`` with Python floats (sympy >= 1.13 no longer equates 0.0 with 0)."""
+    def fn(q, k, v):
+        i = torch.arange(q.shape[-2])
+        s = q @ k.transpose(-2, -1) * 0.25 + torch.where(i[None, :] <= i[:, None], 0.0, -1e30)
+        return s.softmax(-1) @ v
+
+    check(fn, *qkv(S=20), flags={"causal": True, "mask": "none"})
