@@ -4,6 +4,7 @@
     debug_dir/graph_000/00_input.py      the graph as Dynamo gave it, readable Python with shapes/strides
     debug_dir/graph_000/01_canonicalize.py ... one file per pass, after it ran
     debug_dir/graph_000/report.json, report.md
+    (under torch.distributed with several ranks: debug_dir/rank<r>/... per rank)
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ __all__ = ["Dumper"]
 _index_lock = threading.Lock()
 
 
+def _rank_root(root: str) -> str:
+    """``root/rank<r>`` under torch.distributed with several ranks: each rank numbers its graphs from 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return os.path.join(root, f"rank{dist.get_rank()}")
+    return root
+
+
 def _readable(gm: fx.GraphModule) -> str:
     try:
         return gm.print_readable(print_output=False, include_stride=True, include_device=True)
@@ -36,6 +46,7 @@ class Dumper:
 
     @classmethod
     def for_graph(cls, root: str, report: GraphReport) -> "Dumper":
+        root = _rank_root(root)
         return cls(root, os.path.join(root, f"graph_{report.graph:03d}"))
 
     def graph(self, index: int, name: str, gm: fx.GraphModule) -> None:

@@ -126,3 +126,15 @@ def test_verify_skips_training_dropout_sites():
     _, rep = compile_and_report(fn, *qkv(S=10), verify=True, inductor=True)
     site = rep.sites[0]
     assert site.rewritten and site.flags["verified"].startswith("skipped"), str(rep)
+
+
+def test_each_rank_dumps_into_its_own_folder(tmp_path, monkeypatch):
+    """Several ranks number their graphs alike: under torch.distributed each gets debug_dir/rank<r>/."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    compile_and_report(naive, *qkv(S=10), debug_dir=str(tmp_path))
+    assert (tmp_path / "rank1" / "index.md").exists() and list((tmp_path / "rank1").glob("graph_*/report.json"))
+    assert not list(tmp_path.glob("graph_*")) and not (tmp_path / "index.md").exists()

@@ -595,7 +595,9 @@ def _ensure_allocator(device: torch.device) -> None:
 
 
 def _torch_alloc(size: int, alignment: int, stream):
-    device = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
+    # launches run inside ``torch.cuda.device(q.device)``, so the current device is the tensors' device
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not _interpreting() \
+        else torch.device("cpu")
     return torch.empty(size, dtype=torch.int8, device=device)
 
 
@@ -756,14 +758,36 @@ def _cache_store(key: str, cfg: Sm90Config) -> None:
     with _CACHE_LOCK:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            data = _cache_load()
-            data[key] = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.ws, cfg.persistent, cfg.tma]
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+            with _file_lock(path + ".lock"):  # other processes (ranks) merging their own entries
+                _merge_store(path, key, cfg)
         except OSError as e:
             log.warning("flash_fwd_sm90: cannot write the autotune cache %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock across processes (fcntl where it exists; elsewhere only the atomic replace protects)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _merge_store(path: str, key: str, cfg: Sm90Config) -> None:
+    """Read the file, add this entry, write it back through a temp file (the caller holds the file lock)."""
+    data = _cache_load()
+    data[key] = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.ws, cfg.persistent, cfg.tma]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: concurrent processes never read half a file
 
 
 def _autotune(launch: _Launch, q: torch.Tensor, causal: bool, sk: int, fit_key: tuple) -> Sm90Config:

@@ -15,6 +15,7 @@ variants compile for sm90 and their speed -- is for the ``gpu`` tests and ``benc
 from __future__ import annotations
 
 import math
+import json
 import os
 import subprocess
 import sys
@@ -386,3 +387,27 @@ def test_gpu_warp_specialized_configs(d):
     )
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, f"WS configs wrong or crashed (rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+
+
+def _store_many(cache_dir: str, prefix: str, n: int) -> None:
+    os.environ["FLASHFUSE_CACHE_DIR"] = cache_dir
+    from flashfuse.kernels import flash_fwd_sm90 as m
+
+    for i in range(n):
+        m._cache_store(f"{prefix}-{i}", m.Sm90Config(64, 64, 4, 2))
+
+
+def test_autotune_cache_keeps_every_process_entry(tmp_path):
+    """Two processes (two ranks) tuning at once: the file lock around read-merge-write keeps both's entries."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_store_many, args=(str(tmp_path), p, 25)) for p in ("rank0", "rank1")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with open(tmp_path / "fwd_sm90_autotune.json") as f:
+        data = json.load(f)
+    assert {k for k in data} == {f"{p}-{i}" for p in ("rank0", "rank1") for i in range(25)}
