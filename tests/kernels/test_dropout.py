@@ -27,37 +27,21 @@ from flashfuse.kernels.flash_bwd import flash_attention_backward
 from flashfuse.kernels.flash_fwd import dropout_keep_mask, flash_attention_forward
 from flashfuse.testing import attention_backward_ref, attention_ref
 
-FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}  # as in test_flash_fwd.py / test_flash_bwd.py
+from tests.kernels.numerics import BF16, EPS, FP16, FP32, INTERPRETER_WARNINGS, qkv, seed_and_poison
+
 NAMES = ("dq", "dk", "dv", "dmask", "dsinks")
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
+pytestmark = INTERPRETER_WARNINGS
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
     # torch.empty/empty_like full of NaN: an element a kernel forgets to write fails the comparisons
-    torch.manual_seed(0)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    seed_and_poison(monkeypatch, empty_like=True)
 
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device):
-    def make(H, S):
-        return torch.randn(B, H, S, D, dtype=dtype, device=device)
-
-    return make(Hq, Sq), make(Hkv, Sk), make(Hkv, Sk)
+    return qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device)
 
 
 def _rng(seed, device, offset=0):

@@ -27,9 +27,8 @@ from flashfuse.kernels import flash_bwd
 from flashfuse.kernels.flash_bwd import flash_attention_backward
 from flashfuse.kernels.flash_fwd import flash_attention_forward
 from flashfuse.testing import attention_backward_ref
-
-FP16, BF16, FP32, FP64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-FP32_MIN = torch.finfo(torch.float32).min
+from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, qkv,
+                                    seed_and_poison)
 
 # Slack on top of 2x the low-precision error, times max(1, max |reference gradient|): 1e-5 in fp32, about
 # half an ulp at 1.0 for the 16-bit types. The mean error gets EPS / 8 (a bias shows up in the mean first).
@@ -43,38 +42,15 @@ EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}
 # the plain one.
 NAMES = ("dq", "dk", "dv", "dmask", "dsinks")
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
-]
+pytestmark = INTERPRETER_WARNINGS
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
-    torch.manual_seed(0)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    seed_and_poison(monkeypatch, empty_like=True)
 
 
-def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout="bhsd", Dv=None):
-    """Fresh N(0, 1) inputs in ``dtype``; ``bshd`` makes ``[B, S, H, D]`` and views it as ``[B, H, S, D]``."""
-    Dv = D if Dv is None else Dv
-
-    def make(H, S, d):
-        if layout == "bshd":
-            return torch.randn(B, S, H, d, dtype=dtype, device=device).transpose(1, 2)
-        return torch.randn(B, H, S, d, dtype=dtype, device=device)
-
-    return make(Hq, Sq, D), make(Hkv, Sk, D), make(Hkv, Sk, Dv)
+_qkv = qkv
 
 
 def _f64(t):

@@ -20,50 +20,18 @@ import torch
 from flashfuse.kernels import flash_fwd
 from flashfuse.kernels.flash_fwd import flash_attention_forward
 from flashfuse.testing import attention_ref, expand_kv
+from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, assert_forward_rule, qkv,
+                                    seed_and_poison)
 
-FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-FP32_MIN = torch.finfo(torch.float32).min
-
-# Slack on top of 2x the eager error, for the max error: 1e-5 in fp32; about half an ulp at 1.0 for the
-# 16-bit types (outputs are averages of N(0, 1) values, so |out| < 1 nearly always). The mean error gets
-# EPS / 8: a systematic bias (e.g. truncating instead of rounding to bf16) shows up in the mean first.
-EPS = {FP32: 1e-5, FP16: 2.0**-11, BF16: 2.0**-8}
-LSE_EPS = 1e-5
-
-# The interpreter runs the kernel in numpy, which warns where the GPU is silent: 0 / 0 and log2(0) on rows
-# with nothing kept (NaN / -inf on purpose, checked below), exp2 overflow inside tanh (saturates on purpose).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
-]
+pytestmark = INTERPRETER_WARNINGS
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison(monkeypatch):
-    torch.manual_seed(0)
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    seed_and_poison(monkeypatch)
 
 
-def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, device, layout="bhsd", Dv=None):
-    """Fresh N(0, 1) inputs in ``dtype``; ``bshd`` makes ``[B, S, H, D]`` and views it as ``[B, H, S, D]``."""
-    Dv = D if Dv is None else Dv
-
-    def make(H, S, d):
-        if layout == "bshd":
-            return torch.randn(B, S, H, d, dtype=dtype, device=device).transpose(1, 2)
-        return torch.randn(B, H, S, d, dtype=dtype, device=device)
-
-    return make(Hq, Sq, D), make(Hkv, Sk, D), make(Hkv, Sk, Dv)
+_qkv = qkv
 
 
 def _check(q, k, v, mask=None, *, scale=None, **kw):
@@ -78,23 +46,7 @@ def _check(q, k, v, mask=None, *, scale=None, **kw):
     assert out.shape == (B, Hq, Sq, v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
 
-    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from the reference"
-    assert torch.equal(lse.isneginf(), ref_lse.isneginf()), "-inf lse pattern differs from the reference"
-    assert not lse.isnan().any()
-
-    keep = ~ref.isnan()
-    if keep.any():
-        err = (out.double() - ref)[keep].abs()
-        eager = (low.double() - ref)[keep].abs()
-        eps = EPS[q.dtype]
-        assert err.max() <= 2 * eager.max() + eps, f"max error {err.max():.3e} vs eager {eager.max():.3e}"
-        assert err.mean() <= 2 * eager.mean() + eps / 8, f"mean error {err.mean():.3e} vs eager {eager.mean():.3e}"
-
-    fin = ref_lse.isfinite()
-    if fin.any():
-        lerr = (lse.double() - ref_lse.double())[fin].abs().max()
-        leager = (low_lse.double() - ref_lse.double())[fin].abs().max()
-        assert lerr <= 2 * leager + LSE_EPS, f"lse error {lerr:.3e} vs eager {leager:.3e}"
+    assert_forward_rule(out, lse, ref, ref_lse, low, low_lse, q.dtype)
     return out, lse, ref, ref_lse
 
 
