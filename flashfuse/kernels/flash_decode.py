@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from flashfuse.kernels._common import tanh as _tanh  # the shared accurate float32 tanh
 from flashfuse.kernels.flash_fwd import (
     _DTYPES,
     _LOG2E,
@@ -86,31 +87,6 @@ _MERGE_BLOCK_S = 16
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    """float32 ``tanh`` for soft-capping, accurate for small ``|x|`` too (compiled and interpreted alike).
-
-    NOTE: ``1 - 2 / (exp(2x) + 1)`` (flash_fwd's) has an absolute error of about ulp(1) = 1.2e-7 whatever
-    ``x`` is, so a relative error of 1.2e-7 / |x|: with Gemma 2's cap of 50 every argument ``s / 50`` is small
-    and the capped score loses 2-3 digits. Below ``|x| = log(3) / 2`` (tanh = 1/2) this takes
-    ``x + x^3 P(x^2)`` (P a degree-4 fit of ``(tanh(x) - x) / x^3``, the coefficients of the shared helper
-    being written in ``kernels/_common.py``; switch to it once it lands), above it the exp form on ``|x|``
-    (no cancellation there; exp overflowing to inf gives exactly +-1). ``libdevice.tanh`` is a stub returning
-    None under the Triton 3.9 interpreter, where the tests run.
-    """
-    ax = tl.abs(x)
-    x2 = x * x
-    p = -0.006264368
-    p = p * x2 + 0.021064136
-    p = p * x2 - 0.053850297
-    p = p * x2 + 0.13332565
-    p = p * x2 - 0.33333316
-    small = x + x * (x2 * p)
-    big = 1.0 - 2.0 / (tl.exp2(ax * (2.0 * 1.4426950408889634)) + 1.0)
-    big = tl.where(x < 0, -big, big)
-    return tl.where(ax < 0.5493061443340549, small, big)
 
 
 @triton.jit

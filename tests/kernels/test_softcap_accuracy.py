@@ -116,7 +116,7 @@ def test_softcap_cap50_forward_and_backward_match_eager_accuracy(case, device):
 
 def test_softcap_helper_is_shared():
     # one tanh for every kernel family, so they round softcapped scores alike
-    from flashfuse.kernels import _common, flash_bwd, flash_fwd, flash_fwd_sm90
+    from flashfuse.kernels import _common, flash_bwd, flash_decode, flash_fwd, flash_fwd_sm90
 
-    for mod in (flash_fwd, flash_bwd, flash_fwd_sm90):
+    for mod in (flash_fwd, flash_bwd, flash_fwd_sm90, flash_decode):
         assert mod._tanh is _common.tanh, mod.__name__
