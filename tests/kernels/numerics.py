@@ -71,3 +71,13 @@ def assert_forward_rule(out, lse, ref, ref_lse, low, low_lse, dtype) -> None:
         lerr = (lse.double() - ref_lse.double())[fin].abs().max()
         leager = (low_lse.double() - ref_lse.double())[fin].abs().max()
         assert lerr <= 2 * leager + LSE_EPS, f"lse error {lerr:.3e} vs eager {leager:.3e}"
+
+
+# bands every kernel test sweeps: (window_left, window_right)
+WINDOWS = {"full": (None, None), "causal": (None, 0), "window7": (7, 0)}
+
+
+def shape_id(s) -> str:
+    """pytest id of a ``(B, Hq, Hkv, Sq, Sk, D, dtype, layout)`` case."""
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout = s
+    return f"B{B}-H{Hq}/{Hkv}-Sq{Sq}-Sk{Sk}-D{D}-{str(dtype)[6:]}-{layout}"

@@ -27,8 +27,8 @@ from flashfuse.kernels import flash_bwd
 from flashfuse.kernels.flash_bwd import flash_attention_backward
 from flashfuse.kernels.flash_fwd import flash_attention_forward
 from flashfuse.testing import attention_backward_ref
-from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, qkv,
-                                    seed_and_poison)
+from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, WINDOWS, qkv,
+                                    seed_and_poison, shape_id)
 
 # Slack on top of 2x the low-precision error, times max(1, max |reference gradient|): 1e-5 in fp32, about
 # half an ulp at 1.0 for the 16-bit types. The mean error gets EPS / 8 (a bias shows up in the mean first).
@@ -123,12 +123,7 @@ SHAPES = [
     (1, 8, 2, 33, 47, 256, BF16, "bhsd"),  # largest head dim; GQA 4
     (2, 2, 1, 33, 1, 96, FP32, "bhsd"),  # one key
 ]
-WINDOWS = {"full": (None, None), "causal": (None, 0), "window7": (7, 0)}
-
-
-def _shape_id(s):
-    B, Hq, Hkv, Sq, Sk, D, dtype, layout = s
-    return f"B{B}-H{Hq}/{Hkv}-Sq{Sq}-Sk{Sk}-D{D}-{str(dtype)[6:]}-{layout}"
+_shape_id = shape_id
 
 
 @pytest.mark.parametrize("window", list(WINDOWS.values()), ids=list(WINDOWS))

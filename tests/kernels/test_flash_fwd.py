@@ -20,8 +20,8 @@ import torch
 from flashfuse.kernels import flash_fwd
 from flashfuse.kernels.flash_fwd import flash_attention_forward
 from flashfuse.testing import attention_ref, expand_kv
-from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, assert_forward_rule, qkv,
-                                    seed_and_poison)
+from tests.kernels.numerics import (BF16, FP16, FP32, FP32_MIN, INTERPRETER_WARNINGS, WINDOWS, assert_forward_rule,
+                                    qkv, seed_and_poison, shape_id)
 
 pytestmark = INTERPRETER_WARNINGS
 
@@ -67,12 +67,7 @@ SHAPES = [
     (1, 2, 1, 17, 97, 32, FP16, "bshd"),
     (1, 1, 1, 1025, 1025, 16, BF16, "bhsd"),  # one past a power of two: many blocks, ragged last one
 ]
-WINDOWS = {"full": (None, None), "causal": (None, 0), "window7": (7, 0)}
-
-
-def _shape_id(s):
-    B, Hq, Hkv, Sq, Sk, D, dtype, layout = s
-    return f"B{B}-H{Hq}/{Hkv}-Sq{Sq}-Sk{Sk}-D{D}-{str(dtype)[6:]}-{layout}"
+_shape_id = shape_id
 
 
 @pytest.mark.parametrize("window", list(WINDOWS.values()), ids=list(WINDOWS))
