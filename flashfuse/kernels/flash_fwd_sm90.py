@@ -9,7 +9,7 @@ The fast common case of ``flash_fwd.flash_attention_forward`` -- fp16/bf16, a po
   accepts them: last dim contiguous, the other strides and the base 16-byte aligned (``supports``
   checks). ``USE_TMA=False`` is the same kernel with plain pointer loads: the fallback if the TMA build
   fails to compile, and a second path the CPU tests exercise.
-* **Causal staging.** Key blocks are visited in three phases (``_band_blocks``): the left edge of the
+* **Causal staging.** Key blocks are visited in three phases (``flash_fwd._key_blocks``): the left edge of the
   band, the blocks fully inside the band for every row of the tile (no index arithmetic, no ``-inf``
   bookkeeping: the tutorial's ``max(qk) * scale`` then one FMA ``qk * scale - m``), and the right edge
   (the causal diagonal and the ragged end of the keys). Blocks outside the band are never visited.
@@ -57,6 +57,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from flashfuse.kernels._common import tanh as _tanh
+from flashfuse.kernels.flash_fwd import _key_blocks  # the same three-phase key-block split as flash_fwd
 
 __all__ = [
     "TUNED_CONFIGS",
@@ -112,26 +113,6 @@ def _downcast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
     return x.to(dtype)
-
-
-@triton.jit
-def _band_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks of query rows ``[start_m, start_m + BLOCK_M)``: ``(lo, full_lo, full_hi, hi)``.
-
-    ``lo..full_lo`` left band edge (masked), ``full_lo..full_hi`` inside the band for every row of the tile
-    (no mask), ``full_hi..hi`` right edge and the ragged end of the keys (masked). Every bound but ``hi`` is
-    a multiple of BLOCK_N. NOTE: every ``//`` has non-negative operands (the GPU truncates, the interpreter
-    floors). Unbounded windows arrive clamped (``window_left = Sq``, ``window_right = Sk``).
-    """
-    m_last = tl.minimum(start_m + BLOCK_M, Sq) - 1
-    lo = (tl.maximum(start_m - window_left, 0) // BLOCK_N) * BLOCK_N
-    hi = tl.minimum(Sk, m_last + window_right + 1)
-    full_lo = tl.maximum(lo, ((tl.maximum(m_last - window_left, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
-    full_hi = (tl.maximum(tl.minimum(start_m + window_right + 1, Sk), 0) // BLOCK_N) * BLOCK_N
-    has_full = full_hi >= full_lo
-    full_lo = tl.where(has_full, full_lo, lo)
-    full_hi = tl.where(has_full, full_hi, lo)
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -255,7 +236,7 @@ def _attn_tile(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _band_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
     # fmt: off
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn,
