@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 
-# before anything imports triton: @triton.jit reads it when a kernel is defined (one CPU, no GPU)
-os.environ["TRITON_INTERPRET"] = "1"
+# before anything imports triton: @triton.jit reads it when a kernel is defined. CPU ranks (the default) run
+# the kernels under the interpreter; GPU ranks (test_gpu_nccl.py) are spawned with FLASHFUSE_RANK_DEVICE=cuda.
+if os.environ.get("FLASHFUSE_RANK_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import dataclasses  # noqa: E402
 
@@ -33,24 +35,33 @@ class Job:
     inductor: bool = False
     bucket_cap_mb: float | None = None   # DDP: small buckets make Dynamo's DDPOptimizer split the graph
     compile_blocks: bool = False         # FSDP2: compile each block (torchtitan's recipe) instead of the root
+    device: str = "cpu"                  # "cuda": one GPU per rank, NCCL (the process must be spawned with
+                                         # FLASHFUSE_RANK_DEVICE=cuda in its environment)
+    dtype: str = "float32"               # "bfloat16" on the GPU
 
 
-def build_model():
-    """nanoGPT, 2 layers, hidden 64, 4 heads, seq 16, every dropout at 0 (tests/models/training.py's CPU_SIZE)."""
+def _size(device: str):
+    from tests.models import training
+
+    return training.CPU_SIZE if device == "cpu" else training.GPU_SIZE
+
+
+def build_model(device: str = "cpu"):
+    """nanoGPT, every dropout at 0: on the CPU 2 layers, hidden 64, 4 heads, seq 16 (tests/models/training.py's
+    CPU_SIZE); on a GPU its GPU_SIZE (hidden 256, seq 256). Float32 on the CPU; the caller casts."""
     from tests.models import training
 
     torch.manual_seed(0)
-    return training.nanogpt(training.CPU_SIZE)
+    return training.nanogpt(_size(device))
 
 
-def global_batches(steps: int = STEPS, world: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` global batches of ``world * PER_RANK_BATCH`` rows: (ids, next-token targets)."""
-    from tests.models.training import CPU_SIZE
-
+def global_batches(steps: int = STEPS, world: int = 2, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of ``world * PER_RANK_BATCH`` rows: (ids, next-token targets), on the CPU."""
+    size = _size(device)
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(steps):
-        ids = torch.randint(4, CPU_SIZE.vocab, (world * PER_RANK_BATCH, CPU_SIZE.seq), generator=g)
+        ids = torch.randint(4, size.vocab, (world * PER_RANK_BATCH, size.seq), generator=g)
         out.append((ids, torch.roll(ids, -1, 1)))
     return out
 
@@ -102,25 +113,33 @@ def wrap_and_compile(model, job: Job):
 
 def run_rank(rank: int, world: int, port: int, job: Job, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if job.device == "cpu":
+        torch.set_num_threads(1)  # two ranks on a 2-core machine
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    else:
+        device = torch.device(job.device, rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
     try:
         from flashfuse import report as ff_report
         from tests.models.training import count_attention_calls
 
-        model = wrap_and_compile(build_model(), job)
+        dtype = getattr(torch, job.dtype)
+        model = wrap_and_compile(build_model(job.device).to(device=device, dtype=dtype), job)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         torch._dynamo.reset()
         mark = ff_report.collect()
         rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
         losses, grads = [], []
         with count_attention_calls() as counts:
-            for ids, targets in global_batches(world=world):
+            for ids, targets in global_batches(world=world, device=job.device):
                 opt.zero_grad(set_to_none=True)
-                loss = lm_loss(model, ids[rows], targets[rows])
+                loss = lm_loss(model, ids[rows].to(device), targets[rows].to(device))
                 loss.backward()
                 losses.append(loss.item())
-                grads.append({clean_name(n): full_grad(p) for n, p in model.named_parameters()})
+                grads.append({clean_name(n): None if (g := full_grad(p)) is None else g.cpu()
+                              for n, p in model.named_parameters()})
                 opt.step()
         report = ff_report.last_report(since=mark)
         torch.save({"losses": losses, "grads": grads, "counts": dict(counts), "report": report,
