@@ -2,14 +2,20 @@
 # A two-GPU device call in one command (<= ~560 s): independent lanes run at once, one GPU each where timing
 # matters, so one call does the work of several (the device time is what a session is short of).
 #
+# PLAN=tune (the first call of session 3):
 #   lane A (GPU 0, alone):  bench/tune_bwd.py            the backward sweep (timings: nothing else on GPU 0)
 #                           then torchrun bench/distributed.py --quick on both GPUs (FSDP2; GPU 1 is shared with
 #                           lane B's small models while it runs: step times are an upper bound)
 #   lane B (GPU 1):         pytest tests/distributed/test_gpu_nccl.py  (world 1 on GPU 1, then world 2)
-#                           pytest tests/models/test_training.py -m gpu, then tests/kernels/test_flash_decode.py -m gpu
+#   lane C (GPU 1):         pytest tests/models/test_training.py -m gpu, then tests/kernels/test_flash_decode.py -m gpu
+# PLAN=verify (default):
+#   lane A (GPU 0, alone):  fwd+bwd table (D=128, S=4k: causal, full, GQA causal), models.py --quick, then
+#                           torchrun bench/distributed.py --quick: FSDP2, then DDP (both GPUs)
+#   lane B (GPU 1):         GPU tests: test_ops, test_mask_probe, kernels (bwd, sm90, dropout), training
+#   lane C (GPU 1):         NCCL tests world 1, then world 2 (both GPUs)
 #
-# Usage on the device: bash bench/gpu_x2.sh   (OUT receives tune_bwd.txt, dist_bench.txt, nccl.txt, training.txt,
-# decode.txt, summary.txt; at most 8 files come back). Knobs: TUNE_ARGS, TUNE_BUDGET_S (240), DIST_ARGS.
+# Usage on the device: PLAN=verify bash bench/gpu_x2.sh  (OUT receives the logs and summary.txt; at most 8 files
+# come back). Knobs: TUNE_ARGS, TUNE_BUDGET_S (240), DIST_ARGS, FWDBWD_ARGS, MODELS_ARGS.
 set -uo pipefail
 OUT="${OUT:-/tmp/flashfuse-out}"
 mkdir -p "$OUT"
@@ -50,14 +56,53 @@ lane_c() {
   echo "decode tests rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
 }
 
-lane_a & lane_b & lane_c &
-wait
+verify_a() {
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 150 python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 \
+    --seqs 4096 --cases causal,full,gqa_causal --budget-s 110 --csv "$OUT/fwdbwd.csv" ${FWDBWD_ARGS:-} \
+    >"$OUT/bench.txt" 2>&1
+  echo "fwdbwd rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 170 python3 bench/models.py --quick --budget-s 130 ${MODELS_ARGS:-} \
+    >>"$OUT/bench.txt" 2>&1
+  echo "models rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  for wrap in --fsdp --ddp; do
+    timeout -k 10 $(( (545 - SECONDS) / 2 > 60 ? (545 - SECONDS) / 2 : 60 )) python3 -m torch.distributed.run \
+      --nproc-per-node 2 bench/distributed.py --quick $wrap ${DIST_ARGS:-} >>"$OUT/dist_bench.txt" 2>&1
+    echo "dist_bench $wrap rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  done
+}
+
+verify_b() {
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 500 python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/test_ops.py tests/test_mask_probe.py tests/kernels/test_flash_bwd.py tests/kernels/test_flash_fwd_sm90.py \
+    tests/kernels/test_dropout.py tests/models/test_training.py >"$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+}
+
+verify_c() {
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 300 python3 -m pytest -v -p no:cacheprovider \
+    tests/distributed/test_gpu_nccl.py -k world1 >"$OUT/nccl.txt" 2>&1
+  echo "nccl world1 rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  timeout -k 10 $((540 - SECONDS)) python3 -m pytest -v -p no:cacheprovider tests/distributed/test_gpu_nccl.py \
+    -k "world2 and not compiled_blocks" >>"$OUT/nccl.txt" 2>&1
+  echo "nccl world2 rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+}
+
+if [[ ${PLAN:-verify} == tune ]]; then
+  lane_a & lane_b & lane_c &
+  wait
+  LOGS="nccl training decode"
+else
+  verify_a & verify_b & verify_c &
+  wait
+  LOGS="gpu_tests nccl"
+fi
 {
   cat "$OUT/lanes.txt"
-  for f in nccl training decode; do echo "$f: $(grep -cE 'PASSED' "$OUT/$f.txt") passed, \
-$(grep -cE 'FAILED|ERROR' "$OUT/$f.txt") failed/error; $(pytest_count "$OUT/$f.txt")"; done
-  grep -E "FAILED|ERROR" "$OUT/nccl.txt" "$OUT/training.txt" "$OUT/decode.txt" | head -20
-  echo "== tune_bwd (tail)"; tail -30 "$OUT/tune_bwd.txt"
-  echo "== distributed bench (tail)"; tail -15 "$OUT/dist_bench.txt"
+  for f in $LOGS; do echo "$f: $(grep -cE 'PASSED' "$OUT/$f.txt") passed, \
+$(grep -cE ' (FAILED|ERROR)' "$OUT/$f.txt") failed/error; $(pytest_count "$OUT/$f.txt")"; done
+  for f in $LOGS; do grep -E "^(FAILED|ERROR) " "$OUT/$f.txt" | head -12; done
+  if [[ ${PLAN:-verify} == tune ]]; then echo "== tune_bwd (tail)"; tail -30 "$OUT/tune_bwd.txt"; else
+    echo "== benchmarks"; grep -E "^\||^summary|^#|TFLOP" "$OUT/bench.txt" | tail -40; fi
+  echo "== distributed bench"; grep -E "^\||^fsdp|^ddp|consistency" "$OUT/dist_bench.txt" | tail -14
   echo "wall ${SECONDS}s"
 } | tee -a "$OUT/summary.txt"

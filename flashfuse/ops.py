@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -120,7 +121,8 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
     if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
             and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
             and os.environ.get("FLASHFUSE_SDPA", "1") != "0" and not _CUDNN_BROKEN and not _no_cudnn):
-        return ("SDPA cuDNN (faster there) if Hq == Hkv, no soft-capping and no band or causal with Sq == Sk; "
+        return ("SDPA cuDNN forward and backward (faster there) if no soft-capping and no band or causal with "
+                "Sq == Sk; "
                 "else " + describe_kernel(device, head_dim, dtype, mask_dtype, sinks=sinks, dropout_p=dropout_p,
                                           _no_cudnn=True))
     if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
@@ -141,16 +143,20 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
 
 
 _CUDNN_BROKEN: list[str] = []  # the first failure of the cuDNN path in this process (then it is not tried again)
+_CUDNN_GQA_BROKEN: list[str] = []  # the same for GQA/MQA calls (Hq != Hkv) only: plain MHA keeps the path
+_CUDNN_BWD_BROKEN: list[str] = []  # the same for the cuDNN backward (our backward kernel then runs)
 
 
 def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks, dropout_p) -> str | None:
     """None when SDPA's cuDNN kernel computes exactly this call (and is faster than ours there), else why not.
 
-    Measured on the H100 (bench/RESULTS.md): cuDNN is ahead of flashfuse's Triton kernels for plain and causal
-    attention without masks, so the op hands it exactly those cases -- a user must not lose speed by choosing
-    flashfuse. Exactly the same case: no mask tensor, no sinks, no soft-capping, no dropout, Hq == Hkv, fp16/bf16,
-    head dim 64 or 128, and either no band or the causal band with Sq == Sk (cuDNN's is_causal is then the same
-    mask; no row is ever empty, so ``mask_fill`` cannot matter). ``FLASHFUSE_SDPA=0`` turns the path off.
+    Measured on the H100 and H200 (bench/RESULTS.md): cuDNN is ahead of flashfuse's Triton kernels for plain and
+    causal attention without masks, forward and backward, MHA and GQA, so the op hands it exactly those cases -- a
+    user must not lose speed by choosing flashfuse. Exactly the same case: no mask tensor, no sinks, no
+    soft-capping, no dropout, Hq a multiple of Hkv (cuDNN reads the shared K/V heads itself, as SDPA's
+    ``enable_gqa``), fp16/bf16, head dim 64 or 128, and either no band or the causal band with Sq == Sk (cuDNN's
+    is_causal is then the same mask; no row is ever empty, so ``mask_fill`` cannot matter). The backward takes
+    the same decision from the same arguments (``_cudnn_backward``). ``FLASHFUSE_SDPA=0`` turns the path off.
     """
     if os.environ.get("FLASHFUSE_SDPA", "1") == "0":
         return "turned off (FLASHFUSE_SDPA=0)"
@@ -160,8 +166,8 @@ def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks
         return "a mask, sinks, soft-capping or dropout"
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype}"
-    if q.shape[1] != k.shape[1]:
-        return "GQA/MQA"
+    if q.shape[1] != k.shape[1] and _CUDNN_GQA_BROKEN:
+        return f"GQA/MQA: cuDNN refused it earlier in this process ({_CUDNN_GQA_BROKEN[0]})"
     if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]}"
     if window_left is not None or window_right not in (None, 0) or (window_right == 0 and q.shape[2] != k.shape[2]):
@@ -179,11 +185,36 @@ def _cudnn_forward(q, k, v, scale, *, causal: bool):
         out, lse = res[0], res[1]
         B, H, Sq = q.shape[:3]
         lse = lse.reshape(B, H, Sq).float().contiguous()
-        return out, lse
+        # cuDNN writes ``out`` in q's layout (e.g. [B, S, H, D] strides when q is a transposed view); the fake
+        # implementation promises a contiguous [B, H, Sq, Dv] (Inductor checks the strides)
+        return out.contiguous(), lse
     except Exception as exc:  # noqa: BLE001 -- any refusal: our own kernel runs instead
-        _CUDNN_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:120]}")
-        warnings.warn(f"flashfuse: the cuDNN path failed ({_CUDNN_BROKEN[0]}); using flashfuse's Triton kernels",
+        broken = _CUDNN_GQA_BROKEN if q.shape[1] != k.shape[1] else _CUDNN_BROKEN
+        broken.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+        warnings.warn(f"flashfuse: the cuDNN path failed ({broken[0]}); using flashfuse's Triton kernels",
                       RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
+    """``(dq, dk, dv)`` from ``aten._scaled_dot_product_cudnn_attention_backward``, for a call that
+    ``_cudnn_path_refusal`` accepts; None (and the cuDNN backward switched off for the process, with a warning)
+    if cuDNN refuses. ``lse`` is the forward's (natural log, [B, Hq, Sq]): cuDNN's own, or our kernel's (the same
+    quantity), so either forward pairs with this backward."""
+    if _CUDNN_BWD_BROKEN:
+        return None
+    try:
+        B, H, Sq = q.shape[:3]
+        Sk = k.shape[2]
+        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.reshape(B, H, Sq, 1).contiguous(), empty, empty,
+            None, empty, empty, Sq, Sk, 0.0, causal, scale=scale)
+        return dq, dk, dv
+    except Exception as exc:  # noqa: BLE001 -- any refusal: our own backward kernel runs instead
+        _CUDNN_BWD_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+        warnings.warn(f"flashfuse: the cuDNN backward failed ({_CUDNN_BWD_BROKEN[0]}); using flashfuse's Triton "
+                      "backward kernels", RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -203,6 +234,79 @@ def _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_f
 
     return supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
                     softcap=softcap, mask_fill=mask_fill, sinks=sinks)
+
+
+# id(mask) -> (weakref to the mask, its _version when probed, "causal" | "full" | None); an entry leaves with its
+# tensor. (Not a WeakKeyDictionary: its lookups compare tensors with ==, which is elementwise.)
+_MASK_PROBES: dict[int, tuple[weakref.ref, int, str | None]] = {}
+
+
+def _forget_probe(key: int, ref: weakref.ref) -> None:
+    entry = _MASK_PROBES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _MASK_PROBES[key]
+_PROBE_DEVICES = ("cuda",)
+# an additive mask value at or below this is "masked": with the row's diagonal key kept (value 0), such a key's
+# weight exp(s + value - max) is exactly 0 in float32 for any scores |s| < 1e29 (ulp(1e30) alone is 7e22)
+_MASKED_AT = -1e30
+
+
+def _probe_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+    """What a dense mask tensor that the graph could not prove is, found from its values: ``"causal"`` (it keeps
+    exactly ``j <= i``, masks the rest), ``"full"`` (it keeps everything), or None (anything else, or not probed).
+
+    NOTE: why. Where the mask is built in another graph -- FSDP2's per-layer graph breaks, DDP's bucket split,
+    a mask passed in by the caller -- the pass sees only a ``[B, 1, Sq, Sk]`` input tensor and must keep it
+    (``dense_mask``), which costs the mask's reads and every tile above the diagonal, and rules out the
+    mask-free fast paths. Most such masks are plain causal. The op checks the values once per mask tensor (one
+    host sync, cached on the tensor object and its version counter: FSDP2 passes the same mask object to every
+    layer, forward and backward), and runs the mask-free causal (or unmasked) computation when the values say
+    so. Exactly equal: kept entries are exactly ``True`` / ``0.0`` (``s + 0 == s``), masked ones ``False`` or
+    ``<= -1e30`` (weight exactly 0 next to the kept diagonal), so no row is empty and ``mask_fill`` cannot
+    matter. Only dense masks ([..., Sq, Sk], not broadcast along either), on ``_PROBE_DEVICES`` (CUDA: where
+    the fast paths are), never while a CUDA graph is being captured (no sync allowed), never for a mask that
+    needs a gradient. ``FLASHFUSE_MASK_PROBE=0`` turns it off.
+    """
+    if (mask is None or q.device.type not in _PROBE_DEVICES or mask.requires_grad or mask.dim() < 2
+            or os.environ.get("FLASHFUSE_MASK_PROBE", "1") == "0"):
+        return None
+    Sq, Sk = q.shape[-2], k.shape[-2]
+    if tuple(mask.shape[-2:]) != (Sq, Sk) or mask.stride(-1) == 0 or mask.stride(-2) == 0 or Sq == 0 or Sk == 0:
+        return None
+    if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        return None
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    hit = _MASK_PROBES.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    with torch.no_grad():
+        if mask.dtype == torch.bool:
+            kept, masked = mask, ~mask
+        else:
+            kept, masked = mask == 0, mask <= _MASKED_AT
+        i = torch.arange(Sq, device=mask.device)
+        causal = torch.arange(Sk, device=mask.device)[None, :] <= i[:, None]
+        is_causal = (kept == causal).all() & (kept | masked).all()
+        verdict = torch.stack([is_causal, kept.all()]).tolist()  # the one host sync
+    kind = "causal" if verdict[0] else "full" if verdict[1] else None
+    key = id(mask)
+    ref = weakref.ref(mask, lambda r, key=key: _forget_probe(key, r))
+    _MASK_PROBES[key] = (ref, mask._version, kind)
+    return kind
+
+
+def _apply_probe(q, k, mask, window_left, window_right):
+    """``(mask, window_left, window_right)`` to compute with: the mask replaced by its band when ``_probe_mask``
+    proves it (and the call has no band of its own), else unchanged."""
+    if mask is None or window_left is not None or window_right is not None:
+        return mask, window_left, window_right
+    kind = _probe_mask(q, k, mask)
+    if kind == "causal":
+        return None, None, 0
+    if kind == "full":
+        return None, None, None
+    return mask, window_left, window_right
 
 
 def _check_dropout_p(dropout_p) -> float:
@@ -242,6 +346,7 @@ def _attention(
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
     rng_state = _draw_rng_state(q, dropout_p)
+    mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
     if _use_kernel(q) and os.environ.get("FLASHFUSE_DECODE", "1") != "0":
         from flashfuse.kernels import flash_decode
 
@@ -340,9 +445,18 @@ def _attention_backward(
         raise ValueError("rng_state: the forward's rng_state (third output) is required when dropout_p > 0")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not (need_dmask and mask is not None and mask.dtype != torch.bool):
+        # the forward's choice (cached per mask: no second sync; no row is empty under what it finds, so the
+        # empty-row terms below are skipped too); a mask that needs its gradient stays
+        mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
     grads = None
     kernel = _use_kernel(q)
-    if kernel:
+    if q.device.type == "cuda" and _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks,
+                                                       dropout_p) is None:
+        dqkv = _cudnn_backward(grad_out, q, k, v, out, lse, scale, causal=window_right == 0)
+        if dqkv is not None:
+            grads = (*dqkv, None, None)
+    if kernel and grads is None:
         grads = _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
                                  softcap, sinks, need_dmask, dropout_p, rng_state)
     if grads is None:

@@ -209,10 +209,11 @@ def _interpreting() -> bool:
 def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     """One config per (padded head dim, dtype).
 
-    NOTE: the GPU configs are NOT measured yet (no GPU time when this was written); they start from
-    the tutorial's backward (32x128 dK/dV tiles, 128x32 dQ tiles, 4 warps at D=64) and shrink with the
-    head dim so that the two fp32 accumulators of the dK/dV program (``2 * block_n1 * D * 4`` bytes of
-    registers) stay near 64 KB. Whatever does not compile is shrunk at launch (``_smaller``).
+    The fp16/bf16 configs for D = 64, 128, 256 are the sweep's best per head dim (``bench/tune_bwd.py``,
+    NVIDIA H200, triton 3.6, bf16, S = 4k and 8k x causal/full x MHA/GQA 32/8, 2026-11-29; bench/RESULTS.md):
+    each is within 4% of the best config of every one of its 8 cases. Against the untuned configs they are
+    3.0-3.5x faster (D = 128 causal S = 4k: 96 -> 276-293 TFLOP/s of backward). Other head dims (16, 32)
+    keep the unmeasured tutorial-derived tiles. Whatever does not compile is shrunk at launch (``_smaller``).
     """
     if _interpreting() or device.type != "cuda":
         # Interpreter: cost ~ number of tl ops; 16x32 / 32x16 tiles still give several blocks at S = 97.
@@ -222,11 +223,13 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
         # exact fp32 dots unroll into FMAs: keep the tiles (and the compile time) small, as the forward does;
         # at D=256 the fp32 K/V tiles alone are 2 * 32 * 256 * 4 = 64 KB of registers: 8 warps
         return BwdConfig(16, 32, 32, 16, 4 if block_d <= 128 else 8, 1)
-    if block_d <= 64:
+    if block_d <= 32:
         return BwdConfig(32, 128, 128, 32, 4, 3)
+    if block_d <= 64:
+        return BwdConfig(64, 64, 64, 64, 4, 3)
     if block_d <= 128:
-        return BwdConfig(32, 64, 64, 32, 8, 2)
-    return BwdConfig(16, 32, 32, 16, 8, 1)
+        return BwdConfig(32, 128, 128, 64, 8, 3)
+    return BwdConfig(64, 64, 64, 64, 8, 1)
 
 
 def _smaller(cfg: BwdConfig) -> BwdConfig | None:

@@ -1,7 +1,7 @@
 """flashfuse under DDP and FSDP2 on GPUs: NCCL, bfloat16, Inductor (issue 9; ``-m gpu``).
 
 The GPU twin of ``test_ddp_fsdp.py``: each rank (``workers.run_rank`` with ``Job(device="cuda")``, one GPU per
-rank, spawned with ``FLASHFUSE_RANK_DEVICE=cuda`` so that the kernels are compiled, not interpreted) compiles
+rank; the kernels compiled, not interpreted) compiles
 nanoGPT at ``training.GPU_SIZE`` (hidden 256, 4 heads, head dim 64, seq 256) in bfloat16 with
 ``backend="flashfuse"`` through Inductor and takes 3 SGD steps on its share of each global batch. World size 1
 runs on any GPU machine (FSDP2 and DDP with one rank: the wrappers' hooks, graph breaks and collectives are all
@@ -42,7 +42,7 @@ pytestmark = [
 def _spawn(job: Job, world: int, tmp_path) -> list[dict]:
     import torch.multiprocessing as mp
 
-    env = {"FLASHFUSE_RANK_DEVICE": "cuda", "FLASHFUSE_SDPA": "0",
+    env = {"FLASHFUSE_SDPA": "0",
            # issue 9's machines: NVLink multicast must stay off (the device notes say why)
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     saved = {k: os.environ.get(k) for k in env}

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import os
 
-# before anything imports triton: @triton.jit reads it when a kernel is defined. CPU ranks (the default) run
-# the kernels under the interpreter; GPU ranks (test_gpu_nccl.py) are spawned with FLASHFUSE_RANK_DEVICE=cuda.
-if os.environ.get("FLASHFUSE_RANK_DEVICE", "cpu") == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+import dataclasses
 
-import dataclasses  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 STEPS = 3
 LR = 0.05
@@ -35,8 +30,7 @@ class Job:
     inductor: bool = False
     bucket_cap_mb: float | None = None   # DDP: small buckets make Dynamo's DDPOptimizer split the graph
     compile_blocks: bool = False         # FSDP2: compile each block (torchtitan's recipe) instead of the root
-    device: str = "cpu"                  # "cuda": one GPU per rank, NCCL (the process must be spawned with
-                                         # FLASHFUSE_RANK_DEVICE=cuda in its environment)
+    device: str = "cpu"                  # "cuda": one GPU per rank, NCCL; "cpu": gloo, the Triton interpreter
     dtype: str = "float32"               # "bfloat16" on the GPU
 
 
@@ -114,6 +108,11 @@ def wrap_and_compile(model, job: Job):
 def run_rank(rank: int, world: int, port: int, job: Job, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if job.device == "cpu":
+        # CPU ranks run the kernels under the interpreter. Set here, in the rank, before flashfuse (and so its
+        # @triton.jit kernels, which read it when defined) is imported -- not at this module's import, which
+        # also happens in the parent pytest process (test_gpu_nccl.py imports it there: the GPU ranks it
+        # spawns would inherit the variable and interpret their kernels).
+        os.environ["TRITON_INTERPRET"] = "1"
         torch.set_num_threads(1)  # two ranks on a 2-core machine
         device = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -101,13 +101,14 @@ GPU_CASES = [name for name in CASES if name != "llama_leftpad"]
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _train(name: str, *, size: Size, dtype: torch.dtype, device: str, inductor: bool):
+def _train(name: str, *, size: Size, dtype: torch.dtype, device: str, inductor: bool, cudnn: bool = False):
     case = CASES[name]
     torch.manual_seed(0)
     model = case.build(size)
     data = training.batches(case.batch, size, STEPS, device, padded=case.padded)
     report, _ = training.train_and_compare(model, training.loss_fn(case.batch), data, dtype=dtype, device=device,
-                                           expected_sites=case.sites, inductor=inductor, slack=case.slack)
+                                           expected_sites=case.sites, inductor=inductor, slack=case.slack,
+                                           cudnn=cudnn)
     training.assert_site_flags(report, case.flags(size, dtype))
     return report
 
@@ -130,5 +131,16 @@ def test_train_cpu_fp32_inductor_nanogpt():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", GPU_CASES)
-def test_train_gpu_bf16(name):
+def test_train_gpu_bf16(name, monkeypatch):
+    """flashfuse's own Triton kernels (the SDPA-cuDNN dispatch off: nanoGPT's causal MHA would go there)."""
+    monkeypatch.setenv("FLASHFUSE_SDPA", "0")
     _train(name, size=training.GPU_SIZE, dtype=torch.bfloat16, device="cuda", inductor=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_gpu_bf16_nanogpt_cudnn_dispatch():
+    """The default dispatch: nanoGPT's causal MHA (no mask tensor, Sq == Sk, D = 64) runs SDPA's cuDNN forward and
+    backward through Inductor (q is a transposed view: the op's output must still be contiguous, as its fake
+    says) and trains like eager."""
+    _train("nanogpt", size=training.GPU_SIZE, dtype=torch.bfloat16, device="cuda", inductor=True, cudnn=True)

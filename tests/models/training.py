@@ -54,7 +54,8 @@ class StepRecord:
 @contextlib.contextmanager
 def count_attention_calls() -> Iterator[Counter]:
     """Count kernel launches of the op: ``flash_fwd``, ``flash_fwd_sm90`` (the Hopper forward for mask-free
-    fp16/bf16 calls), ``flash_bwd``; and the reference fallbacks ``ref_fwd``/``ref_bwd`` and backward-kernel
+    fp16/bf16 calls), ``flash_bwd``, the SDPA-cuDNN dispatch (``cudnn_fwd``/``cudnn_bwd``, calls that returned
+    gradients or outputs, not None); and the reference fallbacks ``ref_fwd``/``ref_bwd`` and backward-kernel
     failures (``bwd_kernel_failures``), which must stay at zero."""
     from flashfuse import ops, testing
     from flashfuse.kernels import flash_bwd, flash_fwd, flash_fwd_sm90
@@ -64,13 +65,17 @@ def count_attention_calls() -> Iterator[Counter]:
                (flash_fwd_sm90, "flash_attention_forward_sm90", "flash_fwd_sm90"),
                (flash_bwd, "flash_attention_backward", "flash_bwd"),
                (testing, "attention_ref", "ref_fwd"),
-               (testing, "attention_backward_ref", "ref_bwd")]
+               (testing, "attention_backward_ref", "ref_bwd"),
+               (ops, "_cudnn_forward", "cudnn_fwd"),
+               (ops, "_cudnn_backward", "cudnn_bwd")]
     originals = [getattr(mod, attr) for mod, attr, _ in patched]
 
     def wrap(fn, key):
         def counted(*args, **kwargs):
-            counts[key] += 1
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if result is not None:  # the cuDNN paths return None when cuDNN refused (our kernel runs then)
+                counts[key] += 1
+            return result
         return counted
 
     for (mod, attr, key), fn in zip(patched, originals):
@@ -174,7 +179,7 @@ def compare_step(step: int, ff: StepRecord, eager: StepRecord, ref: StepRecord, 
 
 def train_and_compare(model: nn.Module, loss_fn: Callable, batches: list[tuple], *, dtype: torch.dtype,
                       device: str, expected_sites: int, lr: float = 0.05, inductor: bool = False,
-                      slack: float = 1.0):
+                      slack: float = 1.0, cudnn: bool = False):
     """Train three copies (flashfuse / eager / float64 eager) on ``batches`` (integer tensors: the same data
     for all three) and check sites, kernel launches and numerics (``slack`` scales ``SLACK``).
     Returns ``(report, counts)``."""
@@ -195,14 +200,20 @@ def train_and_compare(model: nn.Module, loss_fn: Callable, batches: list[tuple],
             first_loss = ref_rec.loss if first_loss is None else first_loss
     report = _report.last_report(since=mark)
 
-    # every attention site of the forward graph(s) rewritten and running the Triton kernel; every step
-    # launched the Triton forward and backward kernels once per site, never the reference
+    # every attention site of the forward graph(s) rewritten and running the Triton kernel (``cudnn``: SDPA's
+    # cuDNN kernel, which the op dispatches to); every step launched the forward and backward once per site,
+    # never the reference
     assert_all_rewritten(report, expected_sites)
-    assert_triton_kernel(report)
     steps = len(batches)
     assert counts["ref_fwd"] == counts["ref_bwd"] == counts["bwd_kernel_failures"] == 0, dict(counts)
-    assert counts["flash_fwd"] + counts["flash_fwd_sm90"] == steps * expected_sites, (dict(counts), str(report))
-    assert counts["flash_bwd"] == steps * expected_sites, (dict(counts), str(report))
+    if cudnn:
+        assert counts["cudnn_fwd"] == counts["cudnn_bwd"] == steps * expected_sites, (dict(counts), str(report))
+        assert counts["flash_fwd"] == counts["flash_fwd_sm90"] == counts["flash_bwd"] == 0, dict(counts)
+    else:
+        assert_triton_kernel(report)
+        assert counts["cudnn_fwd"] == counts["cudnn_bwd"] == 0, dict(counts)
+        assert counts["flash_fwd"] + counts["flash_fwd_sm90"] == steps * expected_sites, (dict(counts), str(report))
+        assert counts["flash_bwd"] == steps * expected_sites, (dict(counts), str(report))
     # the steps did something: the loss moved
     assert ref_rec.loss != first_loss
     return report, counts
