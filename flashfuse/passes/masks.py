@@ -12,7 +12,7 @@ has holes) is not structure; the caller then passes the mask as a tensor.
 Rules (each named by what it matches, the math beside it)::
 
     arange_index           arange(a, b, s)[t]       = a + s*t
-    constant_fill          ones/zeros/full(...)[..] = c
+    constant_fill          ones/zeros/full(...)[..] = c, tensor(c)[()] = c (c as the dtype holds it)
     tril_band / triu_band  tril(x, k)[.., r, c]     = x if c - r <= k else 0   (triu: c - r >= k)
     slice_shift            x[a:][t]                 = x[t + a]
     causal_from_tril_buffer   a module buffer whose contents are tril(ones) (checked at compile time)
@@ -109,6 +109,29 @@ def _scalar(x: Any) -> Any:
     return None
 
 
+def _typed(x: Any, dtype: torch.dtype) -> Any:
+    """A Python number as a tensor of ``dtype`` holds it (``torch.tensor(1e-9, dtype=float16)`` is 0,
+    ``torch.tensor(0.5, dtype=int64)`` is 0); an integral value as an int (sympy's ``Float(0.0) == 0`` is False).
+    None for anything else but a SymInt (kept as is), for NaN (no order to prove with), and for a value the dtype
+    cannot hold (the op raises)."""
+    if isinstance(x, torch.SymInt):
+        return x
+    if not isinstance(x, (bool, int, float)):
+        return None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        with unset_fake_temporarily():  # a real one-element tensor, whatever mode the pass runs under
+            y = torch.tensor(x, dtype=dtype).item()
+    except (RuntimeError, OverflowError):
+        return None
+    if isinstance(y, float) and math.isnan(y):
+        return None
+    if isinstance(y, float) and y.is_integer() and abs(y) < 2 ** 53:
+        return int(y)
+    return y
+
+
 def _to_bool(e):
     if _is_boolexpr(e):
         return e
@@ -168,6 +191,8 @@ _SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_a
                   "detach", "view_as", "reshape_as", "flatten"}
 _ALIGNED_METHODS = {"expand", "expand_as", "contiguous", "clone", "detach"}
 _SHAPE_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.clone, torch.broadcast_to}
+# a 0-dim tensor of a Python number: torch.tensor(c, dtype=...), torch.as_tensor(c), torch.scalar_tensor(c)
+_SCALAR_TENSOR = {torch.tensor, torch.as_tensor, torch.scalar_tensor}
 _CAST_METHODS = {"bool", "float", "half", "bfloat16", "long", "int", "double", "to", "type", "type_as"}
 
 
@@ -225,11 +250,19 @@ class MaskAnalyzer:
             c = 1 if t in (torch.ones, "new_ones", torch.ones_like) else 0
             expr = (sympy.true if c else sympy.false) if v.dtype == torch.bool else sympy.Integer(c)
             return _make(expr, sizes, rules=("constant_fill",))
+        if t in _SCALAR_TENSOR and v.dim() == 0:
+            # torch.tensor(0.0, dtype=...): transformers <= 5.17 spells the 0 of its additive mask this way
+            # (``where(keep, torch.tensor(0.0), finfo.min)``; 5.18+ uses ``torch.zeros(())``)
+            data = args[0] if args else n.kwargs.get("data", n.kwargs.get("s"))
+            e = _scalar(_typed(data, v.dtype))
+            if e is None:
+                return None
+            return _make(_to_bool(e) if v.dtype == torch.bool else e, sizes, rules=("constant_fill",))
         if t in (torch.full, "new_full", torch.full_like):
             fill = get_arg(n, 1, "fill_value")
             if t == "new_full" or t is torch.full_like:
                 fill = get_arg(n, 2 if t == "new_full" else 1, "fill_value")
-            e = _scalar(fill)
+            e = _scalar(_typed(fill, v.dtype))
             if e is None:
                 return None
             if v.dtype == torch.bool:
