@@ -145,6 +145,7 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
 _CUDNN_BROKEN: list[str] = []  # the first failure of the cuDNN path in this process (then it is not tried again)
 _CUDNN_GQA_BROKEN: list[str] = []  # the same for GQA/MQA calls (Hq != Hkv) only: plain MHA keeps the path
 _CUDNN_BWD_BROKEN: list[str] = []  # the same for the cuDNN backward (our backward kernel then runs)
+_CUDNN_GQA_BWD_BROKEN: list[str] = []  # ... for its GQA/MQA calls only
 
 
 def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks, dropout_p) -> str | None:
@@ -201,19 +202,22 @@ def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
     ``_cudnn_path_refusal`` accepts; None (and the cuDNN backward switched off for the process, with a warning)
     if cuDNN refuses. ``lse`` is the forward's (natural log, [B, Hq, Sq]): cuDNN's own, or our kernel's (the same
     quantity), so either forward pairs with this backward."""
-    if _CUDNN_BWD_BROKEN:
+    gqa = q.shape[1] != k.shape[1]
+    if _CUDNN_BWD_BROKEN or (gqa and _CUDNN_GQA_BWD_BROKEN):
         return None
     try:
         B, H, Sq = q.shape[:3]
         Sk = k.shape[2]
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        # None (an undefined tensor) for what a dense, dropout-free forward leaves undefined: a defined
+        # ``cum_seq_q`` would select cuDNN's ragged (nested-tensor) backward
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out.contiguous(), q, k, v, out.contiguous(), lse.reshape(B, H, Sq, 1).contiguous(), empty, empty,
-            None, empty, empty, Sq, Sk, 0.0, causal, scale=scale)
+            grad_out.contiguous(), q, k, v, out.contiguous(), lse.reshape(B, H, Sq, 1).contiguous(), None, None,
+            None, None, None, Sq, Sk, 0.0, causal, scale=scale)
         return dq, dk, dv
     except Exception as exc:  # noqa: BLE001 -- any refusal: our own backward kernel runs instead
-        _CUDNN_BWD_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:120]}")
-        warnings.warn(f"flashfuse: the cuDNN backward failed ({_CUDNN_BWD_BROKEN[0]}); using flashfuse's Triton "
+        broken = _CUDNN_GQA_BWD_BROKEN if gqa else _CUDNN_BWD_BROKEN
+        broken.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+        warnings.warn(f"flashfuse: the cuDNN backward failed ({broken[0]}); using flashfuse's Triton "
                       "backward kernels", RuntimeWarning, stacklevel=2)
         return None
 
