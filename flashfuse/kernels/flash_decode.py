@@ -40,12 +40,17 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+try:  # triton >= 3.4: the launch hooks live here (the fast launch needs them; without, the generic launch)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover
+    _knobs = None
 
 from flashfuse.kernels._common import tanh as _tanh  # the shared accurate float32 tanh
 from flashfuse.kernels.flash_fwd import (
@@ -537,17 +542,61 @@ def _decode_merge(
 
 # NOTE: host time. A decode step is ~20-120 us of GPU time, and without CUDA graphs the launcher's Python runs
 # in series with it: the first version validated every argument, built the plan, allocated five tensors,
-# entered a device guard twice and went through Triton's generic launch (binding ~45 arguments and hashing
-# their specialisation) twice -- 165-300 us a call on the H100 host, more than the kernels. Now everything
-# that depends only on shapes, strides, dtypes, devices and the scalar arguments is computed once per such
-# key (`_Launch`, in `_LAUNCHES`): validation, the plan, the argument tuples, the grids. A call with a known
-# key builds the key, allocates out, lse and ONE float32 workspace for the partial state, and launches the
-# two kernels through their compiled handles (`_run`). Nothing reads a tensor's values on the host.
-# NOTE: off by default until it has run on a GPU (it calls Triton's compiled handle directly, written against
-# triton 3.9's launcher; the GPU image has 3.6): a wrong positional argument there would not raise.
-# FLASHFUSE_DECODE_FAST_LAUNCH=1 turns it on (tests/kernels/test_flash_decode.py has its GPU test).
-_FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "0") == "1"
+# entered a device guard twice and went through Triton's generic launch twice -- 165-300 us a call on the H100
+# host, more than the kernels. Everything that depends only on shapes, strides, dtypes, devices and the scalar
+# arguments is computed once per such key (`_Launch`, in `_LAUNCHES`): validation, the plan, the argument
+# tuples, the grids, and each kernel's compiled handle (`_Handle`). A call with a known key builds the key,
+# allocates out, lse and ONE float32 workspace for the partial state, and launches the two kernels through
+# their handles. Nothing reads a tensor's values on the host; nothing synchronizes.
+# Measured on the CPU here (2 shared cores, kernels stubbed; bench/decode.py --host on a GPU host for the real
+# launches): Triton's generic launch spends ~26 us a kernel in Python before its C launcher (binding the 50
+# parameters: 20 us; the specialisation's cache key: 6 us), the handle ~2 us.
+#
+# NOTE: the fast launch and Triton's versions. What `JITFunction.run` does for `kernel[grid](*args, **meta)` is
+# the same in triton 3.6.0 and 3.9 (python/triton/runtime/jit.py):
+#     device = driver.active.get_current_device(); stream = driver.active.get_current_stream(device)
+#     bound_args, specialization, options = binder(*args, **kwargs)            # every parameter, in order
+#     kernel = kernel_cache[compute_cache_key(kernel_key_cache, specialization, options)]
+#     launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())
+#     kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,
+#                knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())
+# (3.6 adds `kernel = kernel.result()` for an async-compile future; 3.9 adds a pipeline-hook specialisation and
+# the fpsan option.) `CompiledKernel.run` is `driver.active.launcher_cls(src, metadata)`, and BELOW it the two
+# differ (third_party/nvidia/backend/driver.py): 3.6's `CudaLauncher.__call__(gridX, gridY, gridZ, stream,
+# function, *args)` calls a C module generated and compiled per signature (`make_launcher`: format
+# "iiiKKppOOOOOO" + one code per parameter, constexprs parsed as "O" and dropped) as `launch(gridX, gridY, gridZ,
+# stream, function, coop, pdl, global_scratch, profile_scratch, *args)`; 3.9's `__call__(gridX, gridY, gridZ,
+# stream, function, kernel_metadata, launch_metadata, launch_enter_hook, launch_exit_hook, *args)` calls one
+# generic `cuda_utils.launch(gridX, gridY, gridZ, stream, function, coop, pdl, kernel_metadata, launch_metadata,
+# enter, exit, global_scratch, profile_scratch, arg_annotations, kernel_signature, args)` (scratch after the
+# hooks, the arguments as ONE tuple, constexprs dropped through `PyKernelArg` annotations; GSan arguments
+# appended). So the handle calls `CompiledKernel.run` -- the level both versions share -- never the C launch.
+# Every value the binder specialises on is fixed by the call key (ints: == 1 and % 16, dtypes, strides) except
+# the pointers' 16-byte alignment: the handle serves calls whose tensors are all 16-byte aligned (fresh
+# allocations always are), any other call takes the generic launch. A handle is made from the first generic
+# launch of its key only when this Triton looks as expected (`_make_handle`: the kernel's `device_caches` binder,
+# `arg_names`, the compiled kernel's `run`/`function`/`packed_metadata`, `knobs`) AND Triton's own binder,
+# given the same arguments, returns exactly the tuple the handle will pass (same objects, same order): the
+# proof is taken on the Triton that runs, per key. Anything else -- another Triton, a pre-run hook, a
+# launch that raises -- is the generic launch, never a guess. A registered launch hook gets what Triton would
+# pass it (`launch_metadata`); with none registered (the hook chains empty) the handle passes None, as the C
+# launchers of both versions accept. FLASHFUSE_DECODE_FAST_LAUNCH=0 turns the handles off.
+_FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "1") != "0"
 _MAX_LAUNCHES = 512  # distinct call keys kept; a model has a handful (one per cache length without a static cache)
+_SPLIT, _MERGE = 0, 1  # the kernels' slots in _Launch.handles
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """One kernel's compiled handle for one call key: ``run(*grid, stream, function, packed_metadata, ...)``."""
+
+    run: object  # CompiledKernel.run: Triton's CudaLauncher for this kernel
+    function: int
+    packed_metadata: object
+    compiled: object  # the CompiledKernel, for launch_metadata when a launch hook is registered
+    consts: tuple  # the constexpr values, in parameter order after the runtime arguments
+    device_index: int
+    get_stream: object  # driver.active.get_current_stream, as Triton's own launch reads the stream
 
 
 @dataclass
@@ -560,6 +609,7 @@ class _Launch:
     lse_shape: tuple
     dtype: torch.dtype
     device: torch.device
+    empty: bool  # no output row: nothing to launch
     ws_numel: int  # float32 elements of the workspace: acc, then m, l, then the v sums
     part_offsets: tuple  # (m_off, l_off, vs_off) in elements
     mask_bool: bool  # pass the mask as uint8
@@ -570,7 +620,10 @@ class _Launch:
     merge_grid: tuple
     merge_tail: tuple  # the merge kernel's runtime arguments after the vmean strides
     merge_meta: dict
-    compiled: dict  # (kernel name, pointer alignment flags) -> Triton's compiled kernel (CUDA only)
+    fast: bool  # CUDA with FLASHFUSE_DECODE_FAST_LAUNCH on: try the handles
+    # per kernel (_SPLIT, _MERGE): its _Handle, None (not made yet) or False (this key launches generically)
+    handles: list = field(default_factory=lambda: [None, None])
+    op_checked: bool = False  # the op validated a call with this key and chose this kernel (`forward_known`)
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -686,6 +739,7 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         lse_shape=(B, Hq, Sq),
         dtype=q.dtype,
         device=device,
+        empty=n_rows * Dv == 0,
         ws_numel=ws_numel,
         part_offsets=(m_off, l_off, vs_off),
         mask_bool=mask_kind == _MASK_BOOL,
@@ -696,7 +750,7 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         merge_grid=(n_rows, 1, 1),  # three entries: the compiled handle indexes all of them
         merge_tail=merge_tail,
         merge_meta=merge_meta,
-        compiled={},
+        fast=_FAST_LAUNCH and device.type == "cuda" and not _interpreting(),
     )
 
 
@@ -705,35 +759,91 @@ def _check_num_splits(num_splits) -> None:
         raise ValueError(f"num_splits: expected an int >= 1 or None, got {num_splits!r}")
 
 
-def _run(kernel, launch: _Launch, grid, args, meta) -> None:
-    """Launch ``kernel``; on CUDA through the compiled handle Triton returned the first time for this key.
+def _aligned(*tensors) -> bool:
+    """All data pointers 16-byte aligned: the only specialisation of a call that its key does not fix."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return not bits & 15
 
-    Triton's generic path binds the ~45 arguments and hashes their specialisation on every call (tens of us
-    for two kernels). Every value it specialises on is fixed by the call key (ints, dtypes, strides) except
-    the pointers' 16-byte alignment, which is part of the handle's key here. The handle is per device, so it
-    is used only when that device is current (no device guard to enter).
+
+def _current_device() -> int:
+    return torch.cuda.current_device()  # what Triton's launch reads (driver.active.get_current_device)
+
+
+def _hooks_idle(*hooks) -> bool:
+    """No launch hook registered: Triton's hook chains are empty (a hook of another kind counts as registered)."""
+    return all(h is None or getattr(h, "calls", True) == [] for h in hooks)
+
+
+def _make_handle(kernel, compiled, args: tuple, meta: dict, device_index: int) -> _Handle | bool:
+    """The handle for launching ``compiled`` with arguments like ``args``/``meta``, or False where it is not proven.
+
+    ``compiled`` is what ``kernel[grid](*args, **meta)`` just returned on ``device_index``. The handle passes
+    ``(*args, *consts)``; Triton's own launch passes ``binder(*args, **meta)``'s values: the handle exists only
+    where the two are the same objects in the same order, asked of the binder Triton itself uses. Any attribute
+    missing or any exception (another Triton's internals): False, the generic launch.
     """
-    device = launch.device
-    if device.type != "cuda":
-        kernel[grid](*args, **meta)
+    try:
+        if getattr(kernel, "pre_run_hooks", None) or _knobs is None:
+            return False  # hooks Triton runs before every launch; the handle would skip them
+        names = tuple(kernel.arg_names)
+        consts = tuple(meta[name] for name in names[len(args) :])
+        binder = kernel.device_caches.get(device_index)[-1]  # (kernel_cache, key_cache, target, backend, binder)
+        bound, _, _ = binder(*args, **meta)
+        packed = (*args, *consts)
+        if tuple(bound) != names or len(bound) != len(packed):
+            return False
+        if any(a is not b for a, b in zip(bound.values(), packed)):
+            return False
+        run, function, packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
+        get_stream = triton.runtime.driver.active.get_current_stream
+        if not callable(run) or function is None or not callable(compiled.launch_metadata):
+            return False
+        return _Handle(run, function, packed_metadata, compiled, consts, device_index, get_stream)
+    except Exception as e:  # noqa: BLE001 -- another Triton's internals: the generic launch
+        log.info("flash_decode: no fast launch for %s (%s: %s)", getattr(kernel, "arg_names", kernel), type(e), e)
+        return False
+
+
+def _launch_handle(h: _Handle, grid, args: tuple) -> None:
+    """``CompiledKernel.run`` with what ``JITFunction.run`` would pass it (see the NOTE on Triton's versions)."""
+    stream = h.get_stream(h.device_index)
+    enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+    if _hooks_idle(enter, leave):
+        h.run(grid[0], grid[1], grid[2], stream, h.function, h.packed_metadata, None, None, None, *args, *h.consts)
         return
-    if _FAST_LAUNCH and torch.cuda.current_device() == device.index:
-        slot = (kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel),
-                *[a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)])  # fmt: skip
-        entry = launch.compiled.get(slot)
-        if entry is not None:
-            compiled, consts = entry
-            compiled[grid](*args, *consts)
+    packed = (*args, *h.consts)
+    metadata = h.compiled.launch_metadata(grid, stream, *packed)
+    h.run(grid[0], grid[1], grid[2], stream, h.function, h.packed_metadata, metadata, enter, leave, *packed)
+
+
+def _run(kernel, launch: _Launch, which: int, grid, args: tuple, meta: dict, aligned: bool) -> None:
+    """Launch ``kernel``: through its handle for this key when there is one and the call suits it, else Triton's
+    generic launch (which makes the handle the first time). ``grid`` has three entries."""
+    if not launch.fast:  # the interpreter, the CPU, or handles turned off
+        if launch.device.type == "cuda":
+            with torch.cuda.device(launch.device):
+                kernel[grid](*args, **meta)
+        else:
+            kernel[grid](*args, **meta)
+        return
+    h = launch.handles[which]
+    current = _current_device()
+    if h and aligned and current == h.device_index:
+        try:
+            _launch_handle(h, grid, args)
             return
+        except Exception as e:  # noqa: BLE001 -- the generic launch below raises whatever is really wrong
+            launch.handles[which] = False
+            log.warning("flash_decode: the fast launch failed (%s: %s); this call key launches generically", type(e), e)
+    if current == launch.device.index:
         compiled = kernel[grid](*args, **meta)
-        names = getattr(kernel, "arg_names", None)
-        if compiled is not None and hasattr(compiled, "packed_metadata") and names is not None:
-            # the compiled kernel takes every parameter positionally, constexprs included, as Triton's own run does
-            consts = tuple(meta[name] for name in names[len(args) :])
-            launch.compiled[slot] = (compiled, consts)
-        return
-    with torch.cuda.device(device):
-        kernel[grid](*args, **meta)
+    else:
+        with torch.cuda.device(launch.device):
+            compiled = kernel[grid](*args, **meta)
+    if h is None and aligned and current == launch.device.index:
+        launch.handles[which] = _make_handle(kernel, compiled, args, meta, current)
 
 
 def flash_decode_forward(
@@ -749,6 +859,7 @@ def flash_decode_forward(
     softcap: float = 0.0,
     sinks: torch.Tensor | None = None,
     num_splits: int | None = None,
+    op_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """returns (out [B,Hq,Sq,Dv] in q.dtype, contiguous; lse [B,Hq,Sq] float32), as ``flash_attention_forward``
 
@@ -756,6 +867,8 @@ def flash_decode_forward(
     ``Sq <= 16`` (``supports``) but correct for any ``Sq``. ``num_splits`` (None: ``choose_splits``) is a
     request: it is capped so that no split is empty. Bad arguments raise ``ValueError`` naming the argument.
     Validation and planning run once per call key (shapes, strides, dtypes, devices, scalars): see `_Launch`.
+    ``op_checked=True`` (the op, after its own validation chose this kernel): `forward_known` serves later calls
+    with the same key without either.
     """
     try:
         key = _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits)
@@ -771,8 +884,28 @@ def flash_decode_forward(
             if len(_LAUNCHES) >= _MAX_LAUNCHES:
                 _LAUNCHES.clear()
             _LAUNCHES[key] = launch
+    if op_checked and key is not None and num_splits is None:
+        launch.op_checked = True
     scalars = (scale, window_left, window_right, mask_fill, softcap, num_splits)
     return _forward(launch, key, scalars, q, k, v, mask, sinks)
+
+
+def forward_known(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks):
+    """The op's hot path: ``(out, lse)`` for a call whose key the op has passed to ``flash_decode_forward`` with
+    ``op_checked=True`` before, else None (the op then validates and dispatches as usual).
+
+    A key fixes everything the op's validation and its choice of this kernel (``supports``) look at: shapes,
+    strides, dtypes, devices, the scalars and their types -- so a known key proves both again (dropout is the
+    caller's to exclude). Cost: the key and one dict look-up; a miss costs nothing else.
+    """
+    try:
+        key = _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, None)
+        launch = _LAUNCHES.get(key)
+    except (AttributeError, TypeError):
+        return None
+    if launch is None or not launch.op_checked:
+        return None
+    return _forward(launch, key, (scale, window_left, window_right, mask_fill, softcap, None), q, k, v, mask, sinks)
 
 
 # NOTE: one split still runs the merge. Skipping it would need the merge's epilogue (rule 6's mean of v, rule 8's
@@ -785,7 +918,7 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     device = launch.device
     out = torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
     lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=device)
-    if out.numel() == 0:
+    if launch.empty:
         return out, lse
     ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
     if mask is None:
@@ -793,9 +926,10 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     else:
         mask_arg = mask.view(torch.uint8) if launch.mask_bool else mask
     while True:
+        aligned = launch.fast and _aligned(q, k, v, mask_arg, ws)
         try:
-            _run(_decode_split, launch, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
-                 launch.split_meta)  # fmt: skip
+            _run(_decode_split, launch, _SPLIT, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
+                 launch.split_meta, aligned)  # fmt: skip
             break
         except OutOfResources as e:
             cfg = launch.plan.config
@@ -804,8 +938,10 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
                 raise
             log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, smaller)
             _FITTED[launch.cfg_key] = smaller
+            op_checked = launch.op_checked
             _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) replan with the smaller config
             launch = _build(q, k, v, mask, sinks, *scalars, smaller)
+            launch.op_checked = op_checked
             if key is not None:
                 _LAUNCHES[key] = launch
             ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
@@ -816,10 +952,10 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
         vm_arg, vm_strides = vm, vm.stride()
     else:
         vm_arg, vm_strides = lse, (0, 0, 0)
+    stat = lse if sinks is None else sinks
     # fmt: off
-    merge_args = (
-        ws, *launch.part_offsets, vm_arg, lse if sinks is None else sinks, out, lse, *vm_strides, *launch.merge_tail,
-    )
+    merge_args = (ws, *launch.part_offsets, vm_arg, stat, out, lse, *vm_strides, *launch.merge_tail)
     # fmt: on
-    _run(_decode_merge, launch, launch.merge_grid, merge_args, launch.merge_meta)
+    aligned = launch.fast and _aligned(ws, vm_arg, stat, out, lse)
+    _run(_decode_merge, launch, _MERGE, launch.merge_grid, merge_args, launch.merge_meta, aligned)
     return out, lse

@@ -15,9 +15,11 @@ Sk = 4096..32768.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import pathlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -466,6 +468,257 @@ def test_known_call_host_time_is_a_fraction_of_the_first(device, monkeypatch):
     assert known < 0.5 * first, f"known key {known * 1e6:.1f} us vs fresh {first * 1e6:.1f} us"
 
 
+def test_forward_known_serves_only_keys_the_op_checked(device, monkeypatch):
+    # the op's hot path: a key passed with op_checked=True is served without validation or planning; any other
+    # key (unknown, planned without the op's check, or with num_splits) is a miss the op then handles as usual
+    counts = _count_host_work(monkeypatch)
+    B, Hq, Hkv, Sq, Sk = 1, 4, 2, 1, 300
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, FP32, device)
+    mask = torch.zeros(1, 1, 1, Sk, device=device).masked_fill(_left_padding([250], Sk, device), FP32_MIN)
+    args = (q, k, v, mask, 0.2, None, Sk - Sq, FP32_MIN, 0.0, None)
+    kw = {"scale": 0.2, "window_right": Sk - Sq, "mask_fill": FP32_MIN}
+    assert flash_decode.forward_known(*args) is None  # unknown key
+    flash_decode_forward(q, k, v, mask, **kw)
+    assert flash_decode.forward_known(*args) is None  # planned, but not by the op
+    flash_decode_forward(q, k, v, mask, num_splits=2, op_checked=True, **kw)
+    assert flash_decode.forward_known(*args) is None  # num_splits is not the op's
+    ref, ref_lse = flash_decode_forward(q, k, v, mask, op_checked=True, **kw)
+    counts.update(validate=0, plan=0, empty=0)
+    out, lse = flash_decode.forward_known(*args)
+    assert counts == {"validate": 0, "plan": 0, "empty": 3}, counts
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    # another scalar spelling or value is another key
+    assert flash_decode.forward_known(q, k, v, mask, 0.2, None, float(Sk - Sq), FP32_MIN, 0.0, None) is None
+    assert flash_decode.forward_known(q, k, v, mask, 0.3, None, Sk - Sq, FP32_MIN, 0.0, None) is None
+    assert flash_decode.forward_known(None, k, v, mask, 0.2, None, Sk - Sq, FP32_MIN, 0.0, None) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast launch: Triton's compiled handle, proven against Triton's own launch (any Triton, no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+
+class _FakeDriver:
+    """Triton's active driver for the CPU: device 0, a made-up stream, an sm90 target (nothing is compiled)."""
+
+    STREAM = 0xABC
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return self.STREAM
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+class _FakeCompiled:
+    """Stands in for Triton's ``CompiledKernel``: ``run`` (its launcher) records what it receives."""
+
+    def __init__(self):
+        self.calls = []
+        self.function = 0x1234
+        self.packed_metadata = (4, 1, 0)
+
+    def run(self, *args):
+        self.calls.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return {"grid": tuple(grid), "stream": stream, "args": args}
+
+
+def _triton_kernels(monkeypatch):
+    """``(jit, compiled)`` per decode kernel: a real ``JITFunction`` of the kernel's source whose compile step
+    returns a ``_FakeCompiled``, under the fake driver. ``jit[grid](...)`` runs Triton's own launch path
+    (``JITFunction.run``: binder, specialisation, cache key, ``kernel.run(...)``) up to the C launcher."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setattr(driver, "_active", _FakeDriver())
+    kernels = {}
+    for kernel in (flash_decode._decode_split, flash_decode._decode_merge):
+        jit = JITFunction(kernel.fn)
+        compiled = _FakeCompiled()
+
+        def compile_(key, *args, jit=jit, compiled=compiled, **kwargs):
+            return jit.device_caches[0][0].setdefault(key, compiled)  # what _do_compile caches and returns
+
+        monkeypatch.setattr(jit, "_do_compile", compile_)
+        kernels[kernel.fn.__name__] = (jit, compiled)
+    return kernels
+
+
+def _captured_launches(*call_args, **call_kw):
+    """The (kernel, launch, which, grid, args, meta, aligned) of both launches of one flash_decode_forward call."""
+    captured = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flash_decode, "_run", lambda *a: captured.append(a))
+        flash_decode_forward(*call_args, **call_kw)
+    return captured
+
+
+@pytest.mark.parametrize("kind", [None, "bool", "add-window", "sinks"])
+def test_fast_launch_passes_what_triton_launch_passes(kind, device, monkeypatch):
+    # For both kernels: what the handle gives CompiledKernel.run equals what Triton's JITFunction.run gives it
+    # for the same call -- grid, stream, function, metadata, and every parameter (constexprs included), the same
+    # objects in the same order. Launch hooks: none registered -> None (what Triton would call is an empty
+    # chain); one registered -> exactly Triton's metadata and hooks.
+    from triton import knobs
+
+    B, Hq, Hkv, Sq, Sk = 2, 8, 2, 2, 300
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 32, BF16, device, "bshd")
+    mask, sinks, kw = None, None, {"scale": 0.2, "window_right": Sk - Sq}
+    if kind == "bool":
+        mask = _left_padding([300, 120], Sk, device)
+    elif kind == "add-window":  # a window with a finite fill: the merge reads torch.mean(v) (vmean strides)
+        mask = torch.zeros(B, 1, Sq, Sk, dtype=BF16, device=device)
+        kw.update(window_left=_sliding(Sq, Sk, 64)[0], mask_fill=FP32_MIN)
+    elif kind == "sinks":
+        sinks = torch.randn(Hq, device=device)
+    launches = _captured_launches(q, k, v, mask, sinks=sinks, **kw)
+    kernels = _triton_kernels(monkeypatch)
+    assert [c[0].fn.__name__ for c in launches] == ["_decode_split", "_decode_merge"]
+    for kernel, _, _, grid, args, meta, aligned in launches:
+        assert aligned or not flash_decode._FAST_LAUNCH or device == "cpu"
+        jit, compiled = kernels[kernel.fn.__name__]
+        assert jit[grid](*args, **meta) is compiled  # Triton's own launch
+        handle = flash_decode._make_handle(jit, compiled, args, meta, 0)
+        assert isinstance(handle, flash_decode._Handle), handle
+        flash_decode._launch_handle(handle, grid, args)
+        theirs, ours = compiled.calls
+        assert len(ours) == len(theirs) == 9 + len(jit.arg_names)
+        assert ours[:6] == theirs[:6] == (*grid, _FakeDriver.STREAM, 0x1234, (4, 1, 0))
+        assert all(a is b for a, b in zip(ours[9:], theirs[9:])), kernel.fn.__name__
+        assert ours[6:9] == (None, None, None)
+        assert theirs[7] is knobs.runtime.launch_enter_hook and theirs[8] is knobs.runtime.launch_exit_hook
+
+        def hook(metadata):
+            return None
+
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            flash_decode._launch_handle(handle, grid, args)
+            jit[grid](*args, **meta)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        ours, theirs = compiled.calls[2:]
+        assert ours[6] == theirs[6] and ours[7:9] == theirs[7:9] and theirs[7] is knobs.runtime.launch_enter_hook
+        assert all(a is b for a, b in zip(ours[9:], theirs[9:]))
+
+
+def test_fast_launch_specialisation_is_fixed_by_the_key(device, monkeypatch):
+    # The handle serves every later call with its key: Triton's specialisation of those calls (what picks the
+    # compiled kernel) must not change with the data. New tensors with the same key: the same specialisation;
+    # a pointer that is not 16-byte aligned changes it, and _aligned says so (that call launches generically).
+    kernels = _triton_kernels(monkeypatch)
+    q, k, v = _qkv(1, 8, 2, 1, 300, 64, FP16, device)
+    assert q.is_contiguous()
+    first = _captured_launches(q, k, v, scale=0.125, window_right=299)
+    base = torch.randn(q.numel() + 1, dtype=FP16, device=device)
+    q2 = base[1:].view(q.shape)  # the same key, 2 bytes off alignment
+    k2, v2 = torch.randn_like(k), torch.randn_like(v)
+    again = _captured_launches(q2.clone(), k2, v2, scale=0.125, window_right=299)
+    unaligned = _captured_launches(q2, k2, v2, scale=0.125, window_right=299)
+    for (kernel, _, _, _, a1, meta, _), (_, _, _, _, a2, _, _), (_, _, which, _, a3, _, _) in zip(
+        first, again, unaligned
+    ):
+        binder = kernels[kernel.fn.__name__][0].create_binder()[-1]  # Triton's binder for this kernel
+        spec1, spec2, spec3 = (binder(*a, **meta)[1] for a in (a1, a2, a3))
+        assert spec1 == spec2
+        if which == flash_decode._SPLIT:  # q, and q again as the (absent) mask's pointer
+            assert [i for i, (x, y) in enumerate(zip(spec1, spec3)) if x != y] == [0, 3]
+            assert not flash_decode._aligned(*[t for t in a3 if isinstance(t, torch.Tensor)])
+        else:  # the merge reads only fresh allocations
+            assert spec3 == spec1
+
+
+class _CurrentDevice:
+    def __init__(self, index=0):
+        self.index = index
+        self.guards = 0
+
+    def __call__(self):
+        return self.index
+
+    def guard(self, device):
+        self.guards += 1
+        return contextlib.nullcontext()
+
+
+def test_run_uses_the_handle_and_falls_back(device, monkeypatch):
+    # _run's decisions, with a launch marked CUDA and Triton's launch path faked (no GPU): the first call
+    # launches generically and makes the handle, later aligned calls use it, an unaligned call or another
+    # current device launches generically, a handle that raises is dropped for its key (generic from then on)
+    q, k, v = _qkv(1, 4, 2, 1, 300, 32, FP32, device)
+    split = _captured_launches(q, k, v, scale=0.2)[0]
+    kernels = _triton_kernels(monkeypatch)
+    kernel, launch, which, grid, args, meta, _ = split
+    jit, compiled = kernels["_decode_split"]
+    current = _CurrentDevice(0)
+    monkeypatch.setattr(flash_decode, "_current_device", current)
+    monkeypatch.setattr(torch.cuda, "device", current.guard)
+    launch = replace(launch, device=torch.device("cuda", 0), fast=True, handles=[None, None])
+    generic_calls = []
+    real_run = jit.run
+
+    def counted_run(*a, **kw):  # kernel[grid](...) is kernel.run(..., grid=grid, warmup=False)
+        generic_calls.append(kw["grid"])
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(jit, "run", counted_run)
+
+    flash_decode._run(jit, launch, which, grid, args, meta, True)
+    assert len(generic_calls) == 1 and isinstance(launch.handles[which], flash_decode._Handle)
+    flash_decode._run(jit, launch, which, grid, args, meta, True)
+    assert len(generic_calls) == 1 and len(compiled.calls) == 2 and compiled.calls[1][6:9] == (None, None, None)
+    flash_decode._run(jit, launch, which, grid, args, meta, False)  # unaligned: generic, the handle stays
+    assert len(generic_calls) == 2 and isinstance(launch.handles[which], flash_decode._Handle)
+    current.index = 1  # another device is current: generic under a guard
+    flash_decode._run(jit, launch, which, grid, args, meta, True)
+    assert len(generic_calls) == 3 and current.guards == 1 and len(compiled.calls) == 4
+    current.index = 0
+
+    def broken(*a):
+        raise TypeError("function takes exactly 60 arguments")
+
+    launch.handles[which] = replace(launch.handles[which], run=broken)
+    flash_decode._run(jit, launch, which, grid, args, meta, True)
+    assert len(generic_calls) == 4 and launch.handles[which] is False
+    flash_decode._run(jit, launch, which, grid, args, meta, True)
+    assert len(generic_calls) == 5 and len(compiled.calls) == 6  # generic from now on; every call launched once
+
+
+@pytest.mark.parametrize("what", ["pre-run hook", "no device_caches", "other binder", "no function"])
+def test_no_handle_where_triton_is_not_as_expected(what, device, monkeypatch):
+    # any Triton that does not look like 3.6..3.9 inside, or a kernel with a pre-run hook: no handle (the generic
+    # launch, which is always right), never an exception
+    q, k, v = _qkv(1, 4, 2, 1, 300, 32, FP32, device)
+    kernel, _, _, grid, args, meta, _ = _captured_launches(q, k, v, scale=0.2)[0]
+    jit, compiled = _triton_kernels(monkeypatch)["_decode_split"]
+    jit[grid](*args, **meta)
+    if what == "pre-run hook":
+        jit.add_pre_run_hook(lambda *a, **kw: None)
+    elif what == "no device_caches":
+        monkeypatch.delattr(jit, "device_caches")
+    elif what == "other binder":  # a binder that binds the parameters in another order
+        cache = jit.device_caches[0]
+        binder = cache[-1]
+
+        def reordered(*a, **kw):
+            bound, spec, options = binder(*a, **kw)
+            names = list(bound)
+            names[5], names[6] = names[6], names[5]
+            return {n: bound[n] for n in names}, spec, options
+
+        monkeypatch.setitem(jit.device_caches, 0, (*cache[:-1], reordered))
+    else:
+        compiled.function = None
+    assert flash_decode._make_handle(jit, compiled, args, meta, 0) is False
+
+
 def test_known_shapes_still_reject_bad_scalars(device):
     q, k, v = _qkv(1, 4, 2, 1, 300, 16, FP16, device)
     flash_decode_forward(q, k, v, scale=0.25)
@@ -601,21 +854,60 @@ def test_gpu_mqa_softcap_sinks(dtype):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_cached_launch_new_data_and_alignment(monkeypatch):
-    monkeypatch.setattr(flash_decode, "_FAST_LAUNCH", True)  # off by default until validated here
-    # the second call of a key launches through Triton's compiled handle: new data must be read, and a
-    # pointer that is not 16-byte aligned must get its own handle (Triton specialises on alignment)
+def test_gpu_fast_launch_is_on_and_matches_the_generic_launch(monkeypatch):
+    # On this GPU's Triton: the handles are made for both kernels (_make_handle's proof held), later calls of the
+    # key read their new data through them, and the results are bitwise those of Triton's generic launch (the
+    # same compiled kernels). A q that is not 16-byte aligned launches generically (Triton specialises on
+    # alignment) and is right too.
+    assert flash_decode._FAST_LAUNCH, "FLASHFUSE_DECODE_FAST_LAUNCH=0 in the environment"
     B, Hq, Hkv, Sq, Sk, D = 2, 32, 8, 1, 4096, 128
+    kw = {"scale": D**-0.5, "window_right": Sk - Sq}
     for offset in (0, 1):
         for _ in range(3):
             base = torch.randn(B * Hq * Sq * D + offset, dtype=BF16, device="cuda")
             q = base[offset:].view(B, Hq, Sq, D)
             k = torch.randn(B, Hkv, Sk, D, dtype=BF16, device="cuda")
             v = torch.randn(B, Hkv, Sk, D, dtype=BF16, device="cuda")
-            out, lse = flash_decode_forward(q, k, v, scale=D**-0.5, window_right=Sk - Sq)
-            ref, ref_lse = flash_attention_forward(q, k, v, scale=D**-0.5, window_right=Sk - Sq)
+            out, lse = flash_decode_forward(q, k, v, **kw)
+            (launch,) = flash_decode._LAUNCHES.values()
+            assert launch.fast and all(isinstance(h, flash_decode._Handle) for h in launch.handles), launch.handles
+            with pytest.MonkeyPatch.context() as mp:  # the same call through Triton's generic launch
+                mp.setattr(flash_decode, "_LAUNCHES", {})
+                mp.setattr(flash_decode, "_FAST_LAUNCH", False)
+                gen, gen_lse = flash_decode_forward(q, k, v, **kw)
+                assert not next(iter(flash_decode._LAUNCHES.values())).fast
+            assert torch.equal(out, gen) and torch.equal(lse, gen_lse)
+            ref, ref_lse = flash_attention_forward(q, k, v, **kw)
             torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
             torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
-    (launch,) = flash_decode._LAUNCHES.values()
-    # split x (q aligned, not) + merge (its pointers are all fresh allocations: aligned either way)
-    assert len(launch.compiled) == 3
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fast_launch_host_time(monkeypatch):
+    # the launcher's host time for a known key, fast launch vs Triton's generic launch (both kernels launched;
+    # printed, and the handles must be the cheaper: bench/decode.py --host has the full breakdown)
+    import time
+
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)  # no NaN poisoning: real allocations
+    q, k, v = _qkv(1, 32, 8, 1, 4096, 128, BF16, "cuda")
+    mask = torch.zeros(1, 1, 1, 4096, dtype=BF16, device="cuda")
+    kw = {"scale": 0.088, "mask_fill": FP32_MIN}
+
+    def per_call(calls=200):
+        flash_decode_forward(q, k, v, mask, **kw)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            flash_decode_forward(q, k, v, mask, **kw)
+            times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        return sorted(times)[calls // 2] * 1e6
+
+    fast = per_call()
+    flash_decode._LAUNCHES.clear()
+    monkeypatch.setattr(flash_decode, "_FAST_LAUNCH", False)
+    generic = per_call()
+    print(f"flash_decode_forward host time: fast launch {fast:.1f} us, generic launch {generic:.1f} us")
+    assert fast < generic
