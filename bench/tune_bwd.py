@@ -107,8 +107,8 @@ def say(*args) -> None:
 
 def parse_config(spec: str) -> tuple[int, ...]:
     cfg = tuple(int(x) for x in spec.replace(" ", "").split(","))
-    if len(cfg) != 6:
-        raise ValueError(f"config {spec!r}: expected m1,n1,m2,n2,num_warps,num_stages")
+    if len(cfg) not in (6, 8):
+        raise ValueError(f"config {spec!r}: expected m1,n1,m2,n2,num_warps,num_stages[,dq_warps,dq_stages]")
     return cfg
 
 
@@ -119,7 +119,9 @@ def spec_of(cfg) -> str:
 def _fields(cfg) -> tuple[int, ...]:
     if isinstance(cfg, tuple):
         return cfg
-    return (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, cfg.num_stages)
+    fields = (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, cfg.num_stages)
+    dq = (getattr(cfg, "dq_warps", 0), getattr(cfg, "dq_stages", 0))
+    return fields + dq if any(dq) else fields
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,10 +241,11 @@ def forced(flash_bwd, cfg, record: list | None = None, poison: bool = False):
     flash_bwd._pick_config = lambda D, dtype, device: cfg
     if record is not None:
 
-        def recording_launch(kernel, grid_of, args, meta_of, cfg_in, device):
-            used = saved_launch(kernel, grid_of, args, meta_of, cfg_in, device)
+        def recording_launch(kernel, grid_of, args, meta_of, cfg_in, device, pass_="dkdv"):
+            used = saved_launch(kernel, grid_of, args, meta_of, cfg_in, device, pass_)
             grid = grid_of(used)
-            launch = dict(meta_of(used), num_warps=used.num_warps, num_stages=used.num_stages)
+            num_warps, num_stages = used.warps_stages(pass_)
+            launch = dict(meta_of(used), num_warps=num_warps, num_stages=num_stages)
             name = getattr(kernel, "__name__", str(kernel))
             record.append((name, used, lambda: kernel[grid](*args, **launch)))
             return used

@@ -27,10 +27,10 @@ DRIVER = textwrap.dedent(
 
     real_launch = flash_bwd._launch
 
-    def broken_launch(kernel, grid_of, args, meta_of, cfg, device):
+    def broken_launch(kernel, grid_of, args, meta_of, cfg, device, pass_="dkdv"):
         if cfg.num_warps == 2:
             raise RuntimeError("deliberately broken config")
-        return real_launch(kernel, grid_of, args, meta_of, cfg, device)
+        return real_launch(kernel, grid_of, args, meta_of, cfg, device, pass_)
 
     flash_bwd._launch = broken_launch
     tune_bwd.CANDIDATES_TINY = [(16, 32, 32, 16, 2, 1), (24, 32, 32, 16, 1, 1), (32, 32, 32, 32, 1, 1)]

@@ -200,6 +200,15 @@ class BwdConfig:
     block_n2: int
     num_warps: int
     num_stages: int
+    # the dQ pass's (and the preprocess's) own warps and stages; 0: the same as the dK/dV pass's
+    dq_warps: int = 0
+    dq_stages: int = 0
+
+    def warps_stages(self, pass_: str) -> tuple[int, int]:
+        """``(num_warps, num_stages)`` of the ``"dkdv"`` pass or the ``"dq"`` pass (and preprocess)."""
+        if pass_ == "dq":
+            return self.dq_warps or self.num_warps, self.dq_stages or self.num_stages
+        return self.num_warps, self.num_stages
 
 
 def _interpreting() -> bool:
@@ -211,9 +220,11 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
 
     The fp16/bf16 configs for D = 64, 128, 256 are the sweep's best per head dim (``bench/tune_bwd.py``,
     NVIDIA H200, triton 3.6, bf16, S = 4k and 8k x causal/full x MHA/GQA 32/8, 2026-11-29; bench/RESULTS.md):
-    each is within 4% of the best config of every one of its 8 cases. Against the untuned configs they are
-    3.0-3.5x faster (D = 128 causal S = 4k: 96 -> 276-293 TFLOP/s of backward). Other head dims (16, 32)
-    keep the unmeasured tutorial-derived tiles. Whatever does not compile is shrunk at launch (``_smaller``).
+    each is within 4% of the best config of every one of its 8 cases (D = 128: the dK/dV pass's best tiles
+    and stages, 64 x 128 in 2 stages, with the dQ pass's best, 128 x 64 in 3 stages: the sweep's per-pass times
+    add up to 8-9% less than its best single config). Against the untuned configs they are 3.0-3.5x faster
+    (D = 128 causal S = 4k: 96 -> 276-293 TFLOP/s of backward). Other head dims (16, 32) keep the unmeasured
+    tutorial-derived tiles. Whatever does not compile is shrunk at launch (``_smaller``).
     """
     if _interpreting() or device.type != "cuda":
         # Interpreter: cost ~ number of tl ops; 16x32 / 32x16 tiles still give several blocks at S = 97.
@@ -228,20 +239,23 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     if block_d <= 64:
         return BwdConfig(64, 64, 64, 64, 4, 3)
     if block_d <= 128:
-        return BwdConfig(32, 128, 128, 64, 8, 3)
+        return BwdConfig(64, 128, 128, 64, 8, 2, dq_warps=8, dq_stages=3)
     return BwdConfig(64, 64, 64, 64, 8, 1)
 
 
 def _smaller(cfg: BwdConfig) -> BwdConfig | None:
     """The next config to try after a shared-memory overflow: fewer stages, then smaller tiles."""
+    if cfg.dq_stages > 2:
+        return replace(cfg, dq_stages=cfg.dq_stages - 1)
     if cfg.num_stages > 2:
         return replace(cfg, num_stages=cfg.num_stages - 1)
     if max(cfg.block_n1, cfg.block_m2) > 32:
         return replace(cfg, block_n1=max(32, cfg.block_n1 // 2), block_m2=max(32, cfg.block_m2 // 2))
     if max(cfg.block_m1, cfg.block_n2, cfg.block_n1, cfg.block_m2) > 16:
-        return BwdConfig(16, max(16, cfg.block_n1 // 2), max(16, cfg.block_m2 // 2), 16, cfg.num_warps, 1)
-    if cfg.num_stages > 1:
-        return replace(cfg, num_stages=1)
+        return BwdConfig(16, max(16, cfg.block_n1 // 2), max(16, cfg.block_m2 // 2), 16, cfg.num_warps, 1,
+                         cfg.dq_warps, min(cfg.dq_stages, 1))
+    if cfg.num_stages > 1 or cfg.dq_stages > 1:
+        return replace(cfg, num_stages=1, dq_stages=min(cfg.dq_stages, 1))
     return None
 
 
@@ -761,14 +775,16 @@ def _validate_saved(grad_out, q, v, out, lse) -> None:
         )
 
 
-def _launch(kernel, grid_of, args, meta_of, cfg: BwdConfig, device: torch.device) -> BwdConfig:
-    """Launch ``kernel`` with ``cfg``, or the first smaller config that compiles; returns the one used.
+def _launch(kernel, grid_of, args, meta_of, cfg: BwdConfig, device: torch.device, pass_: str = "dkdv") -> BwdConfig:
+    """Launch ``kernel`` with ``cfg`` (warps and stages of ``pass_``), or the first smaller config that compiles;
+    returns the one used.
 
     ``OutOfResources`` is raised while compiling, before the kernel ran: relaunching is safe, also for
     the kernels that accumulate with atomics. ``grid_of`` and ``meta_of`` map a config to the launch.
     """
     while True:
-        launch = dict(meta_of(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps, num_stages = cfg.warps_stages(pass_)
+        launch = dict(meta_of(cfg), num_warps=num_warps, num_stages=num_stages)
         try:
             if device.type == "cuda":
                 with torch.cuda.device(device):
@@ -901,7 +917,7 @@ def flash_attention_backward(
             Hkv, Hq // Hkv, Sq, Sk, *scores, mask_fill / 2 if rule6 else 0.0, 1.0 / Sk, _LSE_EXACT,
         ),
         lambda c: dict(meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, RULE6=rule6, HAS_SINKS=sinks is not None),
-        cfg, device,
+        cfg, device, "dq",
     )
     cfg = _launch(
         _attn_bwd_dkdv, lambda c: (triton.cdiv(Sk, c.block_n1), Hkv, B),
@@ -926,7 +942,7 @@ def flash_attention_backward(
             meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, NEED_DMASK=has_dmask, DROPOUT=dropout,
             DMASK_BCAST_M=dmask_strides[2] == 0, DMASK_BCAST_N=dmask_strides[3] == 0,
         ),
-        cfg, device,
+        cfg, device, "dq",
     )
     # fmt: on
     _FITTED[key] = cfg

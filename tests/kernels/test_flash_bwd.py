@@ -526,3 +526,27 @@ def test_gpu_config_falls_back_on_shared_memory_overflow(monkeypatch):
     _check(q, k, v, window_right=0)
     (cfg,) = flash_bwd._FITTED.values()
     assert cfg != too_big
+
+
+def test_the_dq_pass_launches_with_its_own_warps_and_stages():
+    """``BwdConfig.dq_warps/dq_stages`` reach the dQ pass and the preprocess; 0 means the dK/dV pass's."""
+    seen = []
+
+    class FakeKernel:
+        __name__ = "fake"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((kw["num_warps"], kw["num_stages"]))
+
+    cfg = flash_bwd.BwdConfig(64, 128, 128, 64, 8, 2, dq_warps=4, dq_stages=3)
+    for pass_ in ("dkdv", "dq"):
+        used = flash_bwd._launch(FakeKernel(), lambda c: (1,), (), lambda c: {}, cfg, torch.device("cpu"), pass_)
+        assert used == cfg
+    assert seen == [(8, 2), (4, 3)]
+    assert flash_bwd.BwdConfig(64, 128, 128, 64, 8, 2).warps_stages("dq") == (8, 2)
+    # a shrink keeps the dQ pass's stages within what was asked and reaches one stage for both passes
+    cfg_small = cfg
+    while (nxt := flash_bwd._smaller(cfg_small)) is not None:
+        assert nxt.dq_stages <= cfg_small.dq_stages and nxt.num_stages <= cfg_small.num_stages
+        cfg_small = nxt
+    assert cfg_small.warps_stages("dq")[1] == cfg_small.warps_stages("dkdv")[1] == 1
