@@ -896,8 +896,13 @@ def forward_known(q, k, v, mask, scale, window_left, window_right, mask_fill, so
 
     A key fixes everything the op's validation and its choice of this kernel (``supports``) look at: shapes,
     strides, dtypes, devices, the scalars and their types -- so a known key proves both again (dropout is the
-    caller's to exclude). Cost: the key and one dict look-up; a miss costs nothing else.
+    caller's to exclude). ``scale=None`` is the op's ``1 / sqrt(D)``. Cost: the key and one dict look-up; a miss
+    costs nothing else.
     """
+    if scale is None:
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            return None
+        scale = 1.0 / math.sqrt(q.shape[-1])  # as the op computes it: the same float, the same key
     try:
         key = _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, None)
         launch = _LAUNCHES.get(key)

@@ -400,19 +400,21 @@ def test_sm_count_is_cached(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
+def _counted(counts, name, fn):
+    counts[name] = 0
+
+    def wrapper(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _count_host_work(monkeypatch):
-    counts = {"validate": 0, "plan": 0, "empty": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(flash_decode, "_validate", counted("validate", flash_decode._validate))
-    monkeypatch.setattr(flash_decode, "_plan", counted("plan", flash_decode._plan))
-    monkeypatch.setattr(torch, "empty", counted("empty", torch.empty))
+    counts = {}
+    monkeypatch.setattr(flash_decode, "_validate", _counted(counts, "validate", flash_decode._validate))
+    monkeypatch.setattr(flash_decode, "_plan", _counted(counts, "plan", flash_decode._plan))
+    monkeypatch.setattr(torch, "empty", _counted(counts, "empty", torch.empty))
     return counts
 
 
@@ -491,6 +493,65 @@ def test_forward_known_serves_only_keys_the_op_checked(device, monkeypatch):
     assert flash_decode.forward_known(q, k, v, mask, 0.2, None, float(Sk - Sq), FP32_MIN, 0.0, None) is None
     assert flash_decode.forward_known(q, k, v, mask, 0.3, None, Sk - Sq, FP32_MIN, 0.0, None) is None
     assert flash_decode.forward_known(None, k, v, mask, 0.2, None, Sk - Sq, FP32_MIN, 0.0, None) is None
+
+
+def _op(q, k, v, mask, scale=None, window_left=None, window_right=None, fill=float("-inf"), softcap=0.0, sinks=None,
+        dropout_p=0.0):
+    """``torch.ops.flashfuse.attention`` as Inductor's code calls it (positional, under no_grad): ``(out, lse)``."""
+    with torch.no_grad():
+        out, lse, _ = torch.ops.flashfuse.attention.default(
+            q, k, v, mask, scale, window_left, window_right, fill, softcap, sinks, dropout_p
+        )
+    return out, lse
+
+
+def test_op_decode_steps_read_their_new_data(device, monkeypatch):
+    # the op on one decode key, call after call (the hot path where flashfuse/ops.py has it): each call computes
+    # the decode kernel's result on its own data; arguments the op rejects are rejected however often the shapes
+    # were seen; FLASHFUSE_DECODE=0 still sends the call elsewhere
+    B, Hq, Hkv, Sq, Sk, D = 1, 8, 2, 1, 300, 32
+    bf16_min = torch.finfo(BF16).min
+    mask = torch.zeros(B, 1, 1, Sk, dtype=BF16, device=device).masked_fill(~_left_padding([280], Sk, device), bf16_min)
+    for scale in (None, 0.3):
+        for _ in range(3):
+            q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, BF16, device, "bshd")
+            out, lse = _op(q, k, v, mask, scale, fill=FP32_MIN)
+            ref, ref_lse = flash_decode_forward(q, k, v, mask, scale=scale or D**-0.5, mask_fill=FP32_MIN)
+            assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match="dropout_p"):
+        _op(q, k, v, mask, 0.3, fill=FP32_MIN, dropout_p=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        _op(q, k, v, mask, 0.3, fill=FP32_MIN, dropout_p=1.5)
+    with pytest.raises(ValueError, match="mask"):
+        _op(q, k, v, mask.to(torch.int32), 0.3, fill=FP32_MIN)
+    calls = []
+    monkeypatch.setattr(flash_decode, "_forward", lambda *a: calls.append(a))
+    monkeypatch.setenv("FLASHFUSE_DECODE", "0")
+    out, _ = _op(q, k, v, mask, 0.3, fill=FP32_MIN)
+    assert not calls and out.shape == (B, Hq, Sq, D)
+
+
+@pytest.mark.skipif(not hasattr(__import__("flashfuse.ops").ops, "_FLASH_DECODE"),
+                    reason="flashfuse/ops.py has no decode hot path (flash_decode.forward_known) yet")  # fmt: skip
+def test_op_hot_path_skips_the_checks(device, monkeypatch):
+    # the second call of a key: no validation, no supports(), no planning -- the key, three allocations, launches
+    from flashfuse import ops
+
+    counts = _count_host_work(monkeypatch)
+    for name in ("validate_attention_args", "_apply_probe"):
+        monkeypatch.setattr(ops, name, _counted(counts, name, getattr(ops, name)))
+    monkeypatch.setattr(flash_decode, "supports", _counted(counts, "supports", flash_decode.supports))
+    q, k, v = _qkv(1, 8, 2, 1, 300, 32, FP16, device)
+    mask = torch.zeros(1, 1, 1, 300, dtype=FP16, device=device)
+    _op(q, k, v, mask, 0.2)
+    assert counts["validate_attention_args"] == counts["supports"] == counts["plan"] == 1
+    counts.update({name: 0 for name in counts})
+    q2 = torch.randn_like(q)
+    out, lse = _op(q2, k, v, mask, 0.2)
+    assert counts == {"validate": 0, "plan": 0, "empty": 4, "validate_attention_args": 0, "supports": 0,
+                      "_apply_probe": 0}, counts  # fmt: skip  (out, lse, workspace; the op's empty rng_state)
+    ref, ref_lse = flash_decode_forward(q2, k, v, mask, scale=0.2)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
 
 
 # ----------------------------------------------------------------------------------------------
