@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from flashfuse.fp8 import (  # noqa: E402
+from flashfuse.fp8 import (
     E4M3,
     E4M3_MAX,
     SCHEMES,
@@ -37,7 +37,7 @@ from flashfuse.fp8 import (  # noqa: E402
     hadamard_matrix,
     relative_rms_error,
 )
-from flashfuse.testing import attention_ref  # noqa: E402
+from flashfuse.testing import attention_ref
 
 # ------------------------------------------------------------------------------------- a what-if model
 
