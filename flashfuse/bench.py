@@ -21,7 +21,9 @@ What is measured (one row per case, one column per method):
   block mask), ``torch_compile`` (plain ``torch.compile`` on the naive code), ``eager`` (the naive code).
   Optional: ``flashfuse_portable`` (always ``flash_fwd``), ``flashfuse_op`` (``flashfuse.attention``, the
   op a compiled model runs, dispatch included) and ``flashfuse_compile`` (``torch.compile(naive,
-  backend="flashfuse")``).
+  backend="flashfuse")``), ``flashfuse_fp8`` (``flash_fwd_fp8``, the 8-bit forward of issue 6, its quantization
+  pass included; the scheme is ``FLASHFUSE_FP8_SCHEME``'s, default ``int8qk``; forward only, full or causal, sm90;
+  checked by its relative RMS error against SDPA's result in the case's dtype, within ``fp8.SCHEME_BOUNDS``).
   A peer that cannot run a case (a backend that refuses a head dim, GQA or a mask; out of memory) gets
   ``n/a`` or ``OOM`` and its reason in the notes under the table; the run goes on.
 - correctness: every flashfuse row is compared, in the same run, with SDPA in float32 (memory-efficient
@@ -64,7 +66,7 @@ import torch.nn.functional as F
 __all__ = ["FAMILIES", "METHODS", "Case", "build_cases", "main", "naive_attention", "plot", "run"]
 
 METHODS = ("flashfuse", "sdpa_cudnn", "sdpa_flash", "flex", "torch_compile", "eager")
-EXTRA_METHODS = ("flashfuse_portable", "flashfuse_op", "flashfuse_compile")
+EXTRA_METHODS = ("flashfuse_portable", "flashfuse_op", "flashfuse_compile", "flashfuse_fp8")
 GPU_ONLY = ("sdpa_cudnn", "sdpa_flash", "flex")
 FAMILIES = ("full", "causal", "gqa", "gqa_causal", "window")
 MODES = {"fwd": 1.0, "fwdbwd": 3.5}  # FLOPs as a multiple of the forward's
@@ -349,6 +351,42 @@ def _flashfuse_op(case: Case, t: Inputs, mode: str):
                                                          window_left=case.window_left), t, mode)
 
 
+def _flashfuse_fp8(case: Case, t: Inputs, mode: str) -> Method:
+    """The 8-bit forward (issue 6): quantization pass and kernel, as ``flash_attention_forward_fp8`` runs them."""
+    if mode != "fwd":
+        raise Unavailable("forward only (the FP8 kernel is for inference)")
+    from flashfuse.kernels.flash_fwd_fp8 import _resolve, flash_attention_forward_fp8, supports
+
+    q, k, v = t.q.detach(), t.k.detach(), t.v.detach()
+    reason = supports(q, k, v, scale=case.scale, window_left=case.window_left, window_right=case.window_right)
+    if reason is not None:
+        raise Unavailable(reason)
+    causal = case.window_right is not None
+    return Method(lambda: flash_attention_forward_fp8(q, k, v, case.scale, causal),
+                  kernel=f"flash_fwd_fp8 ({_resolve(None).name})")
+
+
+def check_fp8(case: Case, t: Inputs, result) -> Check:
+    """``flashfuse_fp8`` rows: relative RMS error against SDPA's result in the case's dtype, within the scheme's
+    bound (``flashfuse.fp8.SCHEME_BOUNDS``: issue 6's 2e-2 for the default scheme)."""
+    from torch.nn.attention import SDPBackend
+
+    from flashfuse import fp8
+    from flashfuse.kernels.flash_fwd_fp8 import _resolve
+
+    name = _resolve(None).name
+    bound = fp8.SCHEME_BOUNDS.get(name, 2e-2)
+    try:
+        low = _reference(case, t, "fwd", case.dtype, [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]
+        ref = _reference(case, t, "fwd", torch.float32, [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]
+    except Exception as exc:  # noqa: BLE001 -- e.g. out of memory at 16k: the row says "unchecked"
+        return Check(None, note=f"not checked: the SDPA reference failed ({type(exc).__name__})")
+    err = fp8.relative_rms_error(result, low)
+    return Check(err <= bound, err=err, peer_err=fp8.relative_rms_error(low, ref), vs_sdpa=err,
+                 worst="out rel RMS", note=f"bound {bound:g} ({name})")
+
+
 def make_method(name: str, case: Case, t: Inputs, mode: str) -> Method:
     made = _make_fn(name, case, t, mode)
     return made if isinstance(made, Method) else Method(made)
@@ -363,6 +401,8 @@ def _make_fn(name: str, case: Case, t: Inputs, mode: str):
         return _flashfuse_kernel(case, t, mode, portable=True)
     if name == "flashfuse_op":
         return _flashfuse_op(case, t, mode)
+    if name == "flashfuse_fp8":
+        return _flashfuse_fp8(case, t, mode)
     if name in ("sdpa_cudnn", "sdpa_flash"):
         return _sdpa(case, t, mode, name)
     if name == "flex":
@@ -614,7 +654,8 @@ def run_row(case: Case, methods, mode: str, device: str, warmup: int, rep: int, 
         m = measure_method(name, case, t, mode, device, warmup, rep)
         row.cells[name] = m
         if name.startswith("flashfuse") and m.result is not None:
-            check = check_against_sdpa(case, t, mode, m.result)
+            check = check_fp8(case, t, m.result) if name == "flashfuse_fp8" else check_against_sdpa(case, t, mode,
+                                                                                                 m.result)
             if name != "flashfuse":
                 check.worst = f"{name} {check.worst}"
             row.checks[name] = check
