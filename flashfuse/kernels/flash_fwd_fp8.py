@@ -38,7 +38,8 @@ Two passes:
    * e4m3 P: ``p = exp2(s - m + log2(448))`` lands in (0, 448] with no multiply; ``l`` sums the unrounded p
      in fp32; the scale cancels in ``acc / l``. ``acc = dot(p8, v8ᵀᵀ, acc, max_num_imprecise_acc=BLOCK_N)``:
      Hopper's fp8 MMA accumulates with ~14 bits (DeepSeek-V3, section 3.3.2: ~2% at K = 4096); promoting
-     each block's partial product into the fp32 accumulator keeps the long sum over the keys exact.
+     each block's partial product into the fp32 accumulator keeps the long sum over the keys exact (config flag
+     ``nopromote`` accumulates in place instead: for measuring what the promotion costs).
    * 16-bit P: ``p = exp2(s - m)`` rounded to the input dtype, ``acc = dot(p, v, acc)`` as flash_fwd_sm90.
 
    Epilogue: ``out = acc / l`` (times V's channel scales for e4m3 V), rounded to the input dtype.
@@ -46,7 +47,7 @@ Two passes:
 Tiles: BLOCK_M x BLOCK_N with the whole head dim; shared memory per stage is ``BLOCK_N * D`` bytes of K8 plus
 ``BLOCK_N * D`` bytes (e4m3 V) or twice that (16-bit V), half of the bf16 kernel's K tile, so 3 stages fit at
 D = 128 with 128x128 tiles. Config choice as flash_fwd_sm90: ``config=`` / ``FLASHFUSE_FP8_CONFIG``
-(``"128,128,8,3[,ws][,notma]"``), ``TUNED_CONFIGS``, an in-process autotune (``FLASHFUSE_FP8_AUTOTUNE=0``:
+(``"128,128,8,3[,ws][,notma][,nopromote]"``), ``TUNED_CONFIGS``, an in-process autotune (``FLASHFUSE_FP8_AUTOTUNE=0``:
 off), a default; a config that does not compile falls back (WS off, then plain loads), one that overflows
 shared memory shrinks.
 
@@ -189,7 +190,7 @@ def _attn_blocks(
     desc_k, desc_v, K_head, V_head, SK_head, stride_kn, stride_vn, stride_vd,
     start, end, offs_m, offs_n, offs_d, Sk, window_right,
     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
-    P_SHIFT: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    P_SHIFT: tl.constexpr, PROMOTE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     INTERPRET: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks ``[start, end)``; EDGE blocks straddle the diagonal or the end of the keys."""
@@ -237,7 +238,10 @@ def _attn_blocks(
                     vt = tl.load(vt_ptrs, mask=(cols < Sk)[None, :], other=0.0)
                 else:
                     vt = tl.load(vt_ptrs)
-            acc = tl.dot(_to_e4m3(p, INTERPRET), vt.T, acc, max_num_imprecise_acc=BLOCK_N)
+            if PROMOTE:
+                acc = tl.dot(_to_e4m3(p, INTERPRET), vt.T, acc, max_num_imprecise_acc=BLOCK_N)
+            else:
+                acc = tl.dot(_to_e4m3(p, INTERPRET), vt.T, acc)
         else:
             if USE_TMA:
                 v = desc_v.load([start_n, 0])
@@ -261,7 +265,7 @@ def _attn_fwd_fp8(
     stride_vb, stride_vh, stride_vn, stride_vd,
     Hq, Hkv, GROUPS, Sq, Sk, num_m_blocks, reverse_m, qk_scale, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr,
+    QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr, PROMOTE: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """One (query block, head, batch) tile. Q8/K8 ``[B, H, S, D]``, SQ/SK ``[B, H, S]``, Out ``[B, Hq, Sq, D]``
@@ -314,12 +318,12 @@ def _attn_fwd_fp8(
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, a_i, desc_k, desc_v, K_head, V_head, SK_head, HEAD_DIM, stride_vn, stride_vd,
         full_lo, full_hi, offs_m, offs_n, offs_d, Sk, window_right,
-        BLOCK_N, False, QK_INT8, PV_FP8, P_SHIFT, USE_TMA, WARP_SPECIALIZE, INTERPRET, INTERPRET_BF16,
+        BLOCK_N, False, QK_INT8, PV_FP8, P_SHIFT, PROMOTE, USE_TMA, WARP_SPECIALIZE, INTERPRET, INTERPRET_BF16,
     )
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, a_i, desc_k, desc_v, K_head, V_head, SK_head, HEAD_DIM, stride_vn, stride_vd,
         full_hi, hi, offs_m, offs_n, offs_d, Sk, window_right,
-        BLOCK_N, True, QK_INT8, PV_FP8, P_SHIFT, USE_TMA, False, INTERPRET, INTERPRET_BF16,
+        BLOCK_N, True, QK_INT8, PV_FP8, P_SHIFT, PROMOTE, USE_TMA, False, INTERPRET, INTERPRET_BF16,
     )
     # fmt: on
 
@@ -347,23 +351,29 @@ class Fp8Config:
     num_stages: int
     ws: bool = False  # warp_specialize=True on the loop over the blocks inside the band
     tma: bool = True  # tensor descriptors (False: plain pointer loads)
+    # e4m3 P @ V: each block's product is added to the fp32 accumulator (max_num_imprecise_acc=BLOCK_N); False
+    # accumulates in place in the tensor cores (~14 bits: wrong by ~1e-2 at 4k keys; for speed comparisons only)
+    promote: bool = True
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
-                f"{' ws' if self.ws else ''}{'' if self.tma else ' notma'}")
+                f"{' ws' if self.ws else ''}{'' if self.tma else ' notma'}{'' if self.promote else ' nopromote'}")
 
     @classmethod
     def parse(cls, text: str) -> Fp8Config:
-        """``"128,128,8,3"`` plus any of ``ws``, ``notma``, comma separated."""
+        """``"128,128,8,3"`` plus any of ``ws``, ``notma``, ``nopromote``, comma separated."""
         parts = [p.strip().lower() for p in str(text).split(",") if p.strip()]
         try:
             bm, bn, w, s = (int(p) for p in parts[:4])
         except ValueError:
-            raise ValueError(f"config: {text!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,ws][,notma]'")
+            raise ValueError(
+                f"config: {text!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,ws][,notma][,nopromote]'"
+            ) from None
         flags = set(parts[4:])
-        if flags - {"ws", "notma"}:
-            raise ValueError(f"config: {text!r}: unknown flags {sorted(flags - {'ws', 'notma'})}")
-        return cls(bm, bn, w, s, ws="ws" in flags, tma="notma" not in flags)
+        unknown = flags - {"ws", "notma", "nopromote"}
+        if unknown:
+            raise ValueError(f"config: {text!r}: unknown flags {sorted(unknown)}")
+        return cls(bm, bn, w, s, ws="ws" in flags, tma="notma" not in flags, promote="nopromote" not in flags)
 
 
 def _C(bm, bn, w, s, **kw) -> Fp8Config:
@@ -575,7 +585,7 @@ class _Launch:
         args = list(self.args)
         args[_I_NUM_M] = num_m
         kwargs = dict(self.meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma, WARP_SPECIALIZE=cfg.ws,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      PROMOTE=cfg.promote, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         grid = (num_m, self.Hq, self.B)
         if self.device.type == "cuda":
             with torch.cuda.device(self.device):
@@ -726,7 +736,7 @@ def flash_attention_forward_fp8(
     ``q: [B, Hq, Sq, D]``, ``k, v: [B, Hkv, Sk, D]`` (any strides, ``Hq % Hkv == 0``, D in 64/128/256, fp16/bf16),
     ``scale=None`` is ``1/sqrt(D)``; ``causal``: key ``j <= `` query ``i``. ``scheme``: a name of
     ``flashfuse.fp8.SCHEMES`` or an ``Fp8Scheme`` (None: ``FLASHFUSE_FP8_SCHEME``, else ``"int8qk"``).
-    ``config`` forces a kernel config (an ``Fp8Config`` or ``"128,128,8,3[,ws][,notma]"``); ``autotune``
+    ``config`` forces a kernel config (an ``Fp8Config`` or ``"128,128,8,3[,ws][,notma][,nopromote]"``); ``autotune``
     overrides ``FLASHFUSE_FP8_AUTOTUNE``. Bad arguments raise ``ValueError`` naming the argument; a call the
     kernel cannot run raises ``ValueError`` with ``supports``' reason.
     """

@@ -125,7 +125,8 @@ def test_interpreter_strides_plain_loads_and_scale(scheme):
     _check(q, k, v, causal=False, scheme=scheme, scale=0.3)
     tma = flash_attention_forward_fp8(q, k, v, None, True, scheme=scheme)
     plain = flash_attention_forward_fp8(q, k, v, None, True, scheme=scheme, config="32,16,4,1,notma")
-    assert torch.equal(tma, plain)
+    in_place = flash_attention_forward_fp8(q, k, v, None, True, scheme=scheme, config="32,16,4,1,nopromote")
+    assert torch.equal(tma, plain) and torch.equal(tma, in_place)  # the interpreter accumulates in fp32 anyway
     v_t = torch.randn(2, 2, 64, 31, dtype=BF16).transpose(-1, -2)  # stride(-1) == 31
     assert not k8._tma_ok(v_t)
     _check(q, k, v_t, causal=True, scheme=scheme)
@@ -178,6 +179,7 @@ def test_config_parse():
     assert Fp8Config.parse("128,64,8,3") == Fp8Config(128, 64, 8, 3)
     assert Fp8Config.parse("128, 64, 8, 3, ws, notma") == Fp8Config(128, 64, 8, 3, ws=True, tma=False)
     assert str(Fp8Config(128, 64, 8, 3, ws=True, tma=False)) == "128x64 w8 s3 ws notma"
+    assert Fp8Config.parse("64,64,4,2,nopromote") == Fp8Config(64, 64, 4, 2, promote=False)
     for bad in ("128,64", "128,64,8,3,fast"):
         with pytest.raises(ValueError, match="config"):
             Fp8Config.parse(bad)
