@@ -10,7 +10,7 @@ this file's arithmetic (exact up to accumulation order). In short, ``Fp8Scheme(q
   does). ``pv="e4m3"``: P and V in e4m3, V with one scale per (batch, head, channel).
 
 The default (``"int8qk"``) is the scheme that meets issue 6's 2e-2 relative-RMS bound on Gaussian inputs
-(9.4e-3); the all-e4m3 ``"fp8"`` is the fastest and 5.2e-2 (fp8.py's NOTE has the error budget).
+(9.4e-3); the all-e4m3 ``"fp8"`` is the fastest and 5.1e-2 (fp8.py's NOTE has the error budget).
 
 Two passes:
 
@@ -29,14 +29,14 @@ Two passes:
 
    * ``qk = dot(q8, k8ᵀ)``: K8 tile ``[BLOCK_N, D]`` with D contiguous, so ``k8ᵀ`` is K-major as it must be.
      int32 becomes fp32 with the magic-number trick (``bitcast(i + 0x4B400000) - 2^23 - 2^22``, exact for
-     ``|i| < 2^22``; ``|q8·k8| <= 127² · 256 < 2^22``): one integer add instead of an I2F, which runs at the
-     MUFU's quarter rate, the same as ``exp2``.
+     ``|i| < 2^22``; ``|q8·k8| <= 127² · 256 < 2^22``): an integer add (64 per clock and SM on Hopper) instead
+     of an I2F (16, the rate of ``exp2``, the softmax's bottleneck).
    * **Scales**: ``t = qk * sk_j`` (K's per-key scale: one multiply per score), then ``s = t * a_i`` where
      ``a_i = sq_i * scale * log2(e) / D`` is per row (Q's scale, the softmax scale, the rotation's ``1/D``):
      on the blocks inside the band this is the regular kernel's single FMA ``t * a_i - m_i``, with the max
      taken on ``t`` (``a_i > 0``: ``max(t) * a_i == max(t * a_i)``).
    * e4m3 P: ``p = exp2(s - m + log2(448))`` lands in (0, 448] with no multiply; ``l`` sums the unrounded p
-     in fp32; the scale cancels in ``acc / l``. ``acc = dot(p8, v8ᵀᵀ, acc, max_num_imprecise_acc=BLOCK_N)``:
+     in fp32; the scale cancels in ``acc / l``. ``acc = dot(p8, (v8ᵀ)ᵀ, acc, max_num_imprecise_acc=BLOCK_N)``:
      Hopper's fp8 MMA accumulates with ~14 bits (DeepSeek-V3, section 3.3.2: ~2% at K = 4096); promoting
      each block's partial product into the fp32 accumulator keeps the long sum over the keys exact (config flag
      ``nopromote`` accumulates in place instead: for measuring what the promotion costs).
