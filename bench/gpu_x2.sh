@@ -14,6 +14,9 @@
 #   lane B (GPU 1):         GPU tests: test_ops, test_mask_probe, kernels (bwd, sm90, dropout), training
 #   lane C (GPU 1):         NCCL tests world 1, then world 2 (both GPUs)
 #
+# PLAN=final: lane A (GPU 0) fwd+bwd table with the op's row, FP8 rows (two schemes), decode bandwidth,
+#   models.py --quick, then FSDP2 on both GPUs; lanes B and C (GPU 1): GPU tests (ops, training, bwd; fp8, decode).
+#
 # Usage on the device: PLAN=verify bash bench/gpu_x2.sh  (OUT receives the logs and summary.txt; at most 8 files
 # come back). Knobs: TUNE_ARGS, TUNE_BUDGET_S (240), DIST_ARGS, FWDBWD_ARGS, MODELS_ARGS.
 set -uo pipefail
@@ -87,7 +90,47 @@ verify_c() {
   echo "nccl world2 rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
 }
 
-if [[ ${PLAN:-verify} == tune ]]; then
+final_a() {  # timings, GPU 0 alone (lane B/C's tests use GPU 1); every step bounded so the lane ends by ~520 s
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 130 python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 \
+    --seqs 4096 --cases causal,gqa_causal,full --methods flashfuse,flashfuse_op,sdpa_cudnn,sdpa_flash,flex,torch_compile \
+    --budget-s 100 --csv "$OUT/fwdbwd.csv" >"$OUT/bench.txt" 2>&1
+  echo "fwdbwd rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  for scheme in int8qk fp8; do
+    CUDA_VISIBLE_DEVICES=0 FLASHFUSE_FP8_SCHEME=$scheme timeout -k 10 75 python3 -m flashfuse.bench --dtypes bf16 \
+      --dims 128 --seqs 4096,16384 --cases full,causal --methods flashfuse,flashfuse_fp8,sdpa_cudnn --budget-s 55 \
+      >>"$OUT/bench.txt" 2>&1
+    echo "fp8 bench $scheme rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  done
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 60 python3 bench/decode.py --quick >>"$OUT/bench.txt" 2>&1
+  echo "decode bench rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 $(( 450 - SECONDS > 60 ? 450 - SECONDS : 60 )) python3 bench/models.py --quick \
+    --budget-s $(( 410 - SECONDS > 40 ? 410 - SECONDS : 40 )) >>"$OUT/bench.txt" 2>&1
+  echo "models rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  timeout -k 10 $(( 550 - SECONDS > 30 ? 550 - SECONDS : 30 )) python3 -m torch.distributed.run --nproc-per-node 2 \
+    bench/distributed.py --quick --fsdp >"$OUT/dist_bench.txt" 2>&1
+  echo "dist_bench --fsdp rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+}
+
+final_b() {
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 520 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_ops.py \
+    tests/models/test_training.py tests/kernels/test_flash_bwd.py >"$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests (ops, training, bwd) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+}
+
+final_c() {
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 300 python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_fp8.py >"$OUT/gpu_tests2.txt" 2>&1
+  echo "gpu tests (fp8) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 $(( 520 - SECONDS > 30 ? 520 - SECONDS : 30 )) python3 -m pytest -v \
+    -p no:cacheprovider -m gpu tests/kernels/test_flash_decode.py >>"$OUT/gpu_tests2.txt" 2>&1
+  echo "gpu tests (decode) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+}
+
+if [[ ${PLAN:-verify} == final ]]; then
+  final_a & final_b & final_c &
+  wait
+  LOGS="gpu_tests gpu_tests2"
+elif [[ ${PLAN:-verify} == tune ]]; then
   lane_a & lane_b & lane_c &
   wait
   LOGS="nccl training decode"
@@ -102,7 +145,7 @@ fi
 $(grep -cE ' (FAILED|ERROR)' "$OUT/$f.txt") failed/error; $(pytest_count "$OUT/$f.txt")"; done
   for f in $LOGS; do grep -E "^(FAILED|ERROR) " "$OUT/$f.txt" | head -12; done
   if [[ ${PLAN:-verify} == tune ]]; then echo "== tune_bwd (tail)"; tail -30 "$OUT/tune_bwd.txt"; else
-    echo "== benchmarks"; grep -E "^\||^summary|^#|TFLOP" "$OUT/bench.txt" | tail -40; fi
+    echo "== benchmarks"; grep -E "^\||^summary|^#|TFLOP|GB/s" "$OUT/bench.txt" | tail -60; fi
   echo "== distributed bench"; grep -E "^\||^fsdp|^ddp|consistency" "$OUT/dist_bench.txt" | tail -14
   echo "wall ${SECONDS}s"
 } | tee -a "$OUT/summary.txt"

@@ -582,6 +582,65 @@ def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_le
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask, dsinks
 
 
+_FP8_FALLBACK: list[str] = []  # the first runtime refusal of the FP8 kernel in this process (warned once)
+
+
+@torch.library.custom_op("flashfuse::attention_fp8", mutates_args=())
+def _attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float],
+                   causal: bool) -> torch.Tensor:
+    """Inference-only attention through 8-bit tensor cores (``kernels/flash_fwd_fp8.py``, scheme from
+    ``FLASHFUSE_FP8_SCHEME``, default ``fp8.DEFAULT_SCHEME``): what the rewrite emits for ``options={"fp8": True}``
+    sites it checked at compile time. If the kernel refuses the actual call (``supports``: a device or dtype
+    that differs from the traced one), the regular op computes it, with one warning saying why."""
+    from flashfuse.kernels import flash_fwd_fp8
+
+    reason = flash_fwd_fp8.supports(q, k, v, scale=scale, causal=causal)
+    if reason is None:
+        return flash_fwd_fp8.flash_attention_forward_fp8(q, k, v, scale, causal)
+    if not _FP8_FALLBACK:
+        _FP8_FALLBACK.append(reason)
+        warnings.warn(f"flashfuse: the FP8 kernel cannot run this call ({reason}); using the regular kernel",
+                      RuntimeWarning, stacklevel=2)
+    return _attention(q, k, v, None, scale, None, 0 if causal else None, -math.inf, 0.0)[0]
+
+
+@_attention_fp8.register_fake
+def _attention_fp8_fake(q, k, v, scale, causal):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty((B, Hq, Sq, v.shape[-1]))
+
+
+_FP8_DEVICES = ("cuda",)  # where the rewrite picks the FP8 kernel (tests add "cpu": the interpreter runs it)
+
+
+def fp8_refusal(q, k, v, *, has_mask: bool, has_sinks: bool, softcap: float, dropout_p: float,
+                window_left, window_right, symbolic_band: bool) -> str | None:
+    """None when an ``options={"fp8": True}`` site can run the FP8 kernel, else why not (the report shows it).
+
+    Decided at compile time on the site's traced (fake) tensors: the kernel is forward-only, takes no mask
+    tensor, sinks, soft-capping or dropout, and only the full or causal band; decode steps keep the split-KV
+    kernel; CUDA sm90 only (``_FP8_DEVICES``); then ``flash_fwd_fp8.supports`` (dtype, head dim, ...)."""
+    if any(t.requires_grad for t in (q, k, v)):
+        return "needs grad: the FP8 kernel is forward-only (inference: torch.no_grad / inference_mode)"
+    if has_mask:
+        return "a mask tensor (the FP8 kernel takes none)"
+    if has_sinks or softcap or dropout_p:
+        return "sinks, soft-capping or dropout"
+    if symbolic_band or window_left is not None or window_right not in (None, 0):
+        return "a band other than full or causal"
+    if q.device.type not in _FP8_DEVICES:
+        return f"device {q.device.type}: the FP8 kernel runs on CUDA sm90"
+    sq, sk = q.shape[-2], k.shape[-2]
+    if isinstance(sq, int) and isinstance(sk, int) and sq <= 16 and sk >= 256:
+        return "a decode step (the split-KV decode kernel runs)"
+    from flashfuse.kernels import flash_fwd_fp8
+
+    try:
+        return flash_fwd_fp8.supports(q, k, v, causal=window_right == 0)
+    except Exception as exc:  # noqa: BLE001 -- symbolic sizes etc.: not provable here, so no FP8
+        return f"not checkable at compile time ({type(exc).__name__})"
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, *rest = inputs
     sinks = rest[0] if rest else None

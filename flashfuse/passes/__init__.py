@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -59,14 +60,44 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
         for term in site.masks:
             term.node = replaced.get(term.node, term.node)
-        replaced[site.pv] = rewrite_site(gm, site)
+        fp8_reason = _fp8_refusal(site) if ctx.config.fp8 else None
+        use_fp8 = ctx.config.fp8 and fp8_reason is None
+        replaced[site.pv] = rewrite_site(gm, site, fp8=use_fp8)
         flags = dict(site.flags)
-        flags["kernel"] = _kernel_choice(site)
+        flags["kernel"] = _fp8_kernel_name() if use_fp8 else _kernel_choice(site)
+        if ctx.config.fp8:
+            flags["fp8"] = use_fp8
+            if fp8_reason is not None:
+                flags["fp8_refused"] = fp8_reason
         ctx.report.sites.append(SiteReport(True, None, site.source, flags, ctx.report.graph))
         done += 1
     gm.graph.lint()
     gm.recompile()
     return {"rewritten": done}
+
+
+def _fp8_refusal(site: AttentionSite) -> str | None:
+    """Why an ``options={"fp8": True}`` site keeps the regular kernel (None: it runs the FP8 kernel)."""
+    from flashfuse.ops import fp8_refusal
+    from flashfuse.passes.graph_utils import tensor_val
+
+    band = site.band
+    wl = site.windows.get("window_left", None if band.lo is None else -band.lo)
+    wr = site.windows.get("window_right", band.hi)
+    symbolic = any(not (w is None or isinstance(w, int)) for w in (wl, wr))
+    try:
+        return fp8_refusal(
+            tensor_val(site.q), tensor_val(site.k), tensor_val(site.v), has_mask=bool(site.masks),
+            has_sinks=site.sinks is not None, softcap=float(site.softcap), dropout_p=float(site.dropout or 0.0),
+            window_left=None if symbolic else wl, window_right=None if symbolic else wr, symbolic_band=symbolic)
+    except Exception as exc:  # the decision must not break a compile: no FP8, say why
+        return f"not checkable ({type(exc).__name__}: {exc})"
+
+
+def _fp8_kernel_name() -> str:
+    from flashfuse.fp8 import DEFAULT_SCHEME
+
+    return f"flash_fwd_fp8 ({os.environ.get('FLASHFUSE_FP8_SCHEME') or DEFAULT_SCHEME})"
 
 
 def _kernel_has_sinks() -> bool:

@@ -76,10 +76,12 @@ def _to_softmax_layout(graph: fx.Graph, t: fx.Node, site: AttentionSite, like: f
     return insert_call(graph, torch.reshape, (t, new + last), like=like)
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True, fp8: bool = False) -> fx.Node:
     """Rewrite one site; returns the node that now stands for the old ``p @ v``.
 
     ``replace=False`` only adds the fused call beside the original subgraph (verify mode compares them).
+    ``fp8=True`` emits ``flashfuse::attention_fp8`` (the caller checked ``ops.fp8_refusal``: no mask, full or
+    causal band, inference).
     """
     graph = gm.graph
     pv = site.pv
@@ -137,14 +139,21 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         sinks = None
         if site.sinks is not None:
             sinks = insert_call(graph, torch.reshape, (site.sinks, (_size(graph, site.sinks, 1, pv),)), like=pv)
-        call = insert_call(
-            graph,
-            torch.ops.flashfuse.attention.default,
-            (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
-             float(site.mask_fill), float(site.softcap), sinks, float(site.dropout or 0.0), bool(site.additive_fill)),
-            like=pv,
-        )
-        out = insert_call(graph, operator.getitem, (call, 0), like=pv)
+        if fp8:
+            call = insert_call(graph, torch.ops.flashfuse.attention_fp8.default,
+                               (q, k, v, None if site.scale is None else float(site.scale), window_right == 0),
+                               like=pv)
+            out = call
+        else:
+            call = insert_call(
+                graph,
+                torch.ops.flashfuse.attention.default,
+                (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
+                 float(site.mask_fill), float(site.softcap), sinks, float(site.dropout or 0.0),
+                 bool(site.additive_fill)),
+                like=pv,
+            )
+            out = insert_call(graph, operator.getitem, (call, 0), like=pv)
         for _ in range(lift):
             out = insert_call(graph, torch.squeeze, (out, 0), like=pv)
         if site.reshape_v:

@@ -1,0 +1,143 @@
+"""``options={"fp8": True}``: which sites run the FP8 kernel (``flashfuse::attention_fp8``), and why the others do not.
+
+The decision is made at compile time (``ops.fp8_refusal``) and shown in the report (flags ``fp8`` and
+``fp8_refused``). On the CPU the FP8 kernel runs under the Triton interpreter only when a test adds "cpu" to
+``ops._FP8_DEVICES`` (users on the CPU always get the regular kernel: the interpreter is for tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flashfuse import fp8, ops
+from flashfuse import report as ff_report
+
+
+def causal_attention(q, k, v):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    n = q.shape[-2]
+    keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def masked_attention(q, k, v, pad):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~pad[:, None, None, :], float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def _inputs(requires_grad=False, S=40, D=64):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(1, 2, S, D, generator=g).bfloat16().requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _compile(fn, *args, fp8_on=True):
+    torch._dynamo.reset()
+    mark = ff_report.collect()
+    out = torch.compile(fn, backend="flashfuse", options={"fp8": fp8_on, "inductor": False})(*args)
+    return out, ff_report.last_report(since=mark)
+
+
+@pytest.fixture
+def fp8_on_cpu(monkeypatch):
+    monkeypatch.setattr(ops, "_FP8_DEVICES", ("cuda", "cpu"))
+    calls = []
+    from flashfuse.kernels import flash_fwd_fp8
+
+    real = flash_fwd_fp8.flash_attention_forward_fp8
+    monkeypatch.setattr(flash_fwd_fp8, "flash_attention_forward_fp8",
+                        lambda *a, **kw: calls.append(a[4] if len(a) > 4 else kw.get("causal")) or real(*a, **kw))
+    return calls
+
+
+def test_an_inference_site_runs_the_fp8_kernel(fp8_on_cpu):
+    q, k, v = _inputs()
+    with torch.no_grad():
+        out, rep = _compile(causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is True and "fp8_refused" not in site.flags
+    assert site.flags["kernel"] == f"flash_fwd_fp8 ({fp8.DEFAULT_SCHEME})"
+    assert fp8_on_cpu == [True]  # the kernel ran, causal
+    ref = causal_attention(*(t.double() for t in (q, k, v)))
+    assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]
+
+
+def test_sites_that_cannot_use_fp8_say_why(fp8_on_cpu):
+    q, k, v = _inputs(requires_grad=True)
+    out, rep = _compile(causal_attention, q, k, v)  # training: needs grad
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is False and site.flags["fp8_refused"].startswith("needs grad")
+    out.float().sum().backward()  # the regular op's backward
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+
+    q, k, v = _inputs()
+    pad = torch.ones(1, 40, dtype=torch.bool)
+    pad[0, :3] = False
+    with torch.no_grad():
+        _, rep = _compile(masked_attention, q, k, v, pad)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is False and site.flags["fp8_refused"].startswith("a mask tensor")
+
+    q, k, v = _inputs(D=32)  # a head dim the FP8 kernel does not have
+    with torch.no_grad():
+        _, rep = _compile(causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is False and "head dim 32" in site.flags["fp8_refused"]
+    assert fp8_on_cpu == []  # the FP8 kernel never ran
+
+
+def test_on_the_cpu_fp8_is_accepted_and_refused_with_a_reason():
+    q, k, v = _inputs()
+    with torch.no_grad():
+        out, rep = _compile(causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is False and site.flags["fp8_refused"] == "device cpu: the FP8 kernel runs on CUDA sm90"
+    assert not site.flags["kernel"].startswith("flash_fwd_fp8")
+
+
+def test_without_the_option_no_fp8_flags():
+    q, k, v = _inputs()
+    with torch.no_grad():
+        _, rep = _compile(causal_attention, q, k, v, fp8_on=False)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert "fp8" not in site.flags and "fp8_refused" not in site.flags
+
+
+def test_the_op_falls_back_with_a_warning_when_the_kernel_refuses_the_call(monkeypatch):
+    q, k, v = _inputs(D=32)  # the FP8 kernel refuses D = 32 at run time
+    monkeypatch.setattr(ops, "_FP8_FALLBACK", [])
+    with pytest.warns(RuntimeWarning, match="FP8 kernel cannot run this call"):
+        out = torch.ops.flashfuse.attention_fp8(q, k, v, None, True)
+    want = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0, -math.inf, 0.0)[0]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU")
+@pytest.mark.parametrize("gqa", [False, True])
+def test_gpu_fp8_through_inductor(gqa):
+    """On sm90 through Inductor: the site runs the FP8 kernel, within the scheme's error bound of float64."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 2 if gqa else 8, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            for _ in range(2))
+
+    def fn(q, k, v):
+        if gqa:
+            k, v = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        return causal_attention(q, k, v)
+
+    torch._dynamo.reset()
+    mark = ff_report.collect()
+    with torch.no_grad():
+        out = torch.compile(fn, backend="flashfuse", options={"fp8": True})(q, k, v)
+    rep = ff_report.last_report(since=mark)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is True, site.flags
+    ref = fn(q.double(), k.double(), v.double())
+    assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]
