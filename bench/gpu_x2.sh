@@ -119,7 +119,7 @@ final_b() {
 
 final_c() {
   CUDA_VISIBLE_DEVICES=1 timeout -k 10 300 python3 -m pytest -v -p no:cacheprovider -m gpu \
-    tests/kernels/test_flash_fwd_fp8.py >"$OUT/gpu_tests2.txt" 2>&1
+    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py >"$OUT/gpu_tests2.txt" 2>&1
   echo "gpu tests (fp8) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
   CUDA_VISIBLE_DEVICES=1 timeout -k 10 $(( 520 - SECONDS > 30 ? 520 - SECONDS : 30 )) python3 -m pytest -v \
     -p no:cacheprovider -m gpu tests/kernels/test_flash_decode.py >>"$OUT/gpu_tests2.txt" 2>&1
