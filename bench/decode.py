@@ -5,6 +5,7 @@
     python bench/decode.py --sweep-splits  # also time num_splits = 1, 2, 4, ..., 128 per case
     python bench/decode.py --config 64,64,4,3   # force BLOCK_M,BLOCK_N,num_warps,num_stages of the decode kernel
     python bench/decode.py --device cpu    # tiny shapes under the Triton interpreter (smoke test)
+    python bench/decode.py --host          # host time of one op call, broken down (B=1, Sk=4k; ~10 s on a GPU)
 
 Shapes are a Llama-style decode step: Hq = 32, Hkv = 8, D = 128, bf16, a bottom-right causal band
 (``window_right = Sk - Sq``). A decode step reads the whole cache once, so the figure of merit is bandwidth:
@@ -20,6 +21,13 @@ allocations, two launches through Triton's compiled handles; validation and plan
 do_bench's L2 flush (a 256 MB memset, ~85 us) runs ahead of each call and hides it, a model without CUDA
 graphs does not. The first version spent 165-300 us here on an H100 host, more than the kernels at 4k keys;
 ``FLASHFUSE_DECODE_FAST_LAUNCH=0`` goes back to Triton's generic launch, for comparison.
+
+``--host`` breaks one op call down instead (``torch.ops.flashfuse.attention`` as Inductor's code calls it, under
+``no_grad``, a Llama decode step: B = 1, Sk = 4096, an additive ``[B, 1, 1, Sk]`` mask as transformers' static
+cache passes it): the dispatcher, the op's checks, ``flash_decode_forward`` and each launch (Triton's generic
+launch vs the compiled handle), and the op's body as it would be with its hot path (``flash_decode.forward_known``
+first). Each figure is the median over batches of 100 calls with a device sync between batches (so the GPU's
+launch queue never fills and the figure is host time, not GPU time). On the CPU the kernels are stubbed out.
 """
 
 from __future__ import annotations
@@ -128,6 +136,110 @@ def run_case(B, Sq, Sk, dtype, device, rep_ms, hq, hkv, d, splits=None, sweep=Fa
     return row
 
 
+def _per_call_us(fn, device: str, calls: int = 100, batches: int = 7) -> float:
+    """Median over ``batches`` of the host time of one call in a batch of ``calls`` (synced between batches)."""
+    times = []
+    for _ in range(batches):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return sorted(times)[batches // 2]
+
+
+def host_breakdown(device: str, B: int = 1, Sk: int = 4096) -> list[tuple[str, float]]:
+    """Host time of one decode op call and its parts, in us (see the module docstring, ``--host``)."""
+    from flashfuse import ops
+    from flashfuse.kernels import flash_decode
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hq, hkv, d = HQ, HKV, D
+    q = torch.randn(B, 1, hq, d, dtype=dtype, device=device).transpose(1, 2)  # q from the projection: [B, S, H, D]
+    k = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
+    v = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
+    mask = torch.zeros(B, 1, 1, Sk, dtype=dtype, device=device)
+    scale, fill = d**-0.5, float("-inf")
+    kw = {"scale": scale, "mask_fill": fill}
+    real_run = flash_decode._run
+    captured = []
+
+    def capture(*a):
+        captured.append(a)
+        if device == "cuda":  # the interpreter would run the kernels: on the CPU, time the host side only
+            real_run(*a)
+
+    flash_decode._run = capture
+    try:
+        flash_decode.flash_decode_forward(q, k, v, mask, **kw)
+        if device != "cuda":
+            flash_decode._run = lambda *a: None
+        else:
+            flash_decode._run = real_run
+        return _host_rows(device, ops, flash_decode, captured, q, k, v, mask, scale, fill)
+    finally:
+        flash_decode._run = real_run
+
+
+def _host_rows(device, ops, flash_decode, captured, q, k, v, mask, scale, fill) -> list[tuple[str, float]]:
+    args = (q, k, v, mask, scale, None, None, fill, 0.0, None, 0.0)
+    kw = {"scale": scale, "mask_fill": fill}
+    launch = captured[0][1]
+    op = torch.ops.flashfuse.attention.default
+    body = getattr(ops._attention, "_init_fn", None)  # the op's own Python function (a torch.library.custom_op)
+    key_args = (q, k, v, mask, None, scale, None, None, fill, 0.0, None)
+
+    def allocations():
+        torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
+        torch.empty(launch.lse_shape, dtype=torch.float32, device=device)
+        torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
+
+    def hot_body():  # the op's body with its hot path first (the patch proposed for flashfuse/ops.py)
+        if os.environ.get("FLASHFUSE_DECODE", "1") != "0":
+            hit = flash_decode.forward_known(q, k, v, mask, scale, None, None, fill, 0.0, None)
+            if hit is not None:
+                return hit[0], hit[1], ops._draw_rng_state(q, 0.0)
+        raise AssertionError("forward_known missed")
+
+    cases = [("torch.ops.flashfuse.attention (the op as Inductor calls it)", lambda: op(*args))]
+    if body is not None:
+        cases.append(("  its Python body alone (the rest is the dispatcher)", lambda: body(*args)))
+    cases.append(("    validate_attention_args", lambda: ops.validate_attention_args(q, k, v, mask, None, None)))
+    if hasattr(ops, "_apply_probe"):
+        cases.append(("    _apply_probe, the same mask object", lambda: ops._apply_probe(q, k, mask, None, None)))
+        cases.append(("    _apply_probe, a new mask each call (each token's)",
+                      lambda: ops._apply_probe(q, k, mask.clone(), None, None), 20))  # fmt: skip
+        cases.append(("      mask.clone() alone (part of the line above)", mask.clone))
+    cases.append(("    flash_decode.supports", lambda: flash_decode.supports(q, k, v, mask, **kw)))
+    cases.append(("    flash_decode_forward", lambda: flash_decode.flash_decode_forward(q, k, v, mask, **kw)))
+    cases.append(("      _call_key + _LAUNCHES.get", lambda: flash_decode._LAUNCHES[flash_decode._call_key(*key_args)]))
+    cases.append(("      3 allocations (out, lse, workspace)", allocations))
+    if device == "cuda":
+        for kernel, _, which, grid, a, meta, _ in captured:
+            name, h = kernel.fn.__name__, launch.handles[which]
+            cases.append(
+                (f"      {name}: Triton's generic launch", lambda k=kernel, g=grid, a=a, m=meta: k[g](*a, **m))
+            )
+            if h:
+                cases.append(
+                    (f"      {name}: compiled handle", lambda h=h, g=grid, a=a: flash_decode._launch_handle(h, g, a))
+                )
+            else:
+                cases.append((f"      {name}: compiled handle (none made: {h})", None))
+    if hasattr(flash_decode, "forward_known"):
+        cases.append(("  the op's body with its hot path (forward_known first)", hot_body))
+    rows = []
+    with torch.no_grad():
+        op(*args)
+        flash_decode.flash_decode_forward(q, k, v, mask, op_checked=True, **kw)
+        for label, fn, *calls in cases:
+            rows.append((label, _per_call_us(fn, device, *calls) if fn is not None else float("nan")))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,9 +248,18 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-splits", action="store_true", help="also time num_splits = 1..128 per case")
     p.add_argument("--config", default=None, help="BLOCK_M,BLOCK_N,num_warps,num_stages for the decode kernel")
     p.add_argument("--rep", type=int, default=None, help="do_bench rep in ms (default 100, --quick 40)")
+    p.add_argument("--host", action="store_true", help="host time of one op call, broken down (B=1, Sk=4k)")
     args = p.parse_args(argv)
 
     device = args.device
+    if args.host:
+        fast = "on" if os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "1") != "0" else "off"
+        name = torch.cuda.get_device_name(device) if device == "cuda" else "cpu (kernels stubbed)"
+        print(f"device: {name}; B=1, Hq={HQ}, Hkv={HKV}, D={D}, Sk=4096, additive mask; fast launch {fast}")
+        print("| host time of | us/call |\n|---|---|")
+        for label, us in host_breakdown(device):
+            print(f"| {label} | {us:.1f} |")
+        return 0
     _set_config(args.config)
     dtype = torch.bfloat16
     if device == "cuda":

@@ -120,6 +120,7 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
         if method == "flashfuse":
             rep = report.last_report(mark)
             row["note"] = f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs"
+            row["note"] += "; " + _decode_launch_note()
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others' numbers
@@ -130,6 +131,17 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def _decode_launch_note() -> str:
+    """How the decode steps launched: flash_decode's call keys, and how many launch through compiled handles."""
+    from flashfuse.kernels import flash_decode
+
+    launches = list(flash_decode._LAUNCHES.values())
+    handles = sum(all(isinstance(h, flash_decode._Handle) for h in launch.handles) for launch in launches)
+    hot = sum(launch.op_checked for launch in launches)
+    return (f"flash_decode: {len(launches)} call keys, {handles} launching through compiled handles (fast launch "
+            f"{'on' if flash_decode._FAST_LAUNCH else 'off'}), {hot} on the op's hot path")  # fmt: skip
 
 
 def format_table(rows: list[dict]) -> str:

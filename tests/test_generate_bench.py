@@ -55,3 +55,4 @@ def test_generate_bench_tiny(capsys, monkeypatch):
     assert rows["flashfuse"][5] == "yes", out  # greedy tokens equal eager's (fp32)
     # the decode steps ran the split-KV kernel: one query row against the 256 + 3 key static cache
     assert any(shape[2] == 1 for shape in decode_calls), decode_calls
+    assert "flash_decode: 1 call keys" in out and "(fast launch on)" in out, out  # one static-cache decode key

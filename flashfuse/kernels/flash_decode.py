@@ -548,9 +548,11 @@ def _decode_merge(
 # tuples, the grids, and each kernel's compiled handle (`_Handle`). A call with a known key builds the key,
 # allocates out, lse and ONE float32 workspace for the partial state, and launches the two kernels through
 # their handles. Nothing reads a tensor's values on the host; nothing synchronizes.
-# Measured on the CPU here (2 shared cores, kernels stubbed; bench/decode.py --host on a GPU host for the real
-# launches): Triton's generic launch spends ~26 us a kernel in Python before its C launcher (binding the 50
-# parameters: 20 us; the specialisation's cache key: 6 us), the handle ~2 us.
+# Measured on this CPU (2 shared cores; triton 3.9's JITFunction.run with a stand-in driver, up to the C launcher,
+# which both paths share; bench/decode.py --host measures the real thing on a GPU host): Triton's generic launch
+# spends 26 us (split kernel, 50 parameters) and 17 us (merge, 30) in Python, mostly binding the parameters and
+# keying their specialisation; the handle 0.9 and 0.8 us. A known key's flash_decode_forward: 61 -> 15.5 us
+# (key 3.4, three allocations 6, the two launches 1.7).
 #
 # NOTE: the fast launch and Triton's versions. What `JITFunction.run` does for `kernel[grid](*args, **meta)` is
 # the same in triton 3.6.0 and 3.9 (python/triton/runtime/jit.py):
@@ -578,7 +580,9 @@ def _decode_merge(
 # `arg_names`, the compiled kernel's `run`/`function`/`packed_metadata`, `knobs`) AND Triton's own binder,
 # given the same arguments, returns exactly the tuple the handle will pass (same objects, same order): the
 # proof is taken on the Triton that runs, per key. Anything else -- another Triton, a pre-run hook, a
-# launch that raises -- is the generic launch, never a guess. A registered launch hook gets what Triton would
+# launch that raises -- is the generic launch, never a guess. (What the handle skips of `JITFunction.run` besides
+# binding: the pre-run hooks -- none, or no handle -- and the check that globals the kernel read at compile time
+# still hold their values: these kernels read none that change.) A registered launch hook gets what Triton would
 # pass it (`launch_metadata`); with none registered (the hook chains empty) the handle passes None, as the C
 # launchers of both versions accept. FLASHFUSE_DECODE_FAST_LAUNCH=0 turns the handles off.
 _FAST_LAUNCH = os.environ.get("FLASHFUSE_DECODE_FAST_LAUNCH", "1") != "0"
@@ -767,13 +771,20 @@ def _aligned(*tensors) -> bool:
     return not bits & 15
 
 
+def _aligned5(a, b, c, d, e) -> bool:  # _aligned for the two launches' five tensors, without the loop
+    return not (a.data_ptr() | b.data_ptr() | c.data_ptr() | d.data_ptr() | e.data_ptr()) & 15
+
+
 def _current_device() -> int:
     return torch.cuda.current_device()  # what Triton's launch reads (driver.active.get_current_device)
 
 
-def _hooks_idle(*hooks) -> bool:
-    """No launch hook registered: Triton's hook chains are empty (a hook of another kind counts as registered)."""
-    return all(h is None or getattr(h, "calls", True) == [] for h in hooks)
+_HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # triton 3.6 and 3.9: knobs.runtime's launch hooks are chains
+
+
+def _hooks_idle(enter, leave) -> bool:
+    """No launch hook registered: both of Triton's hook chains are empty (a hook of any other kind is registered)."""
+    return enter.__class__ is _HOOK_CHAIN and leave.__class__ is _HOOK_CHAIN and not enter.calls and not leave.calls
 
 
 def _make_handle(kernel, compiled, args: tuple, meta: dict, device_index: int) -> _Handle | bool:
@@ -802,7 +813,7 @@ def _make_handle(kernel, compiled, args: tuple, meta: dict, device_index: int) -
             return False
         return _Handle(run, function, packed_metadata, compiled, consts, device_index, get_stream)
     except Exception as e:  # noqa: BLE001 -- another Triton's internals: the generic launch
-        log.info("flash_decode: no fast launch for %s (%s: %s)", getattr(kernel, "arg_names", kernel), type(e), e)
+        log.info("flash_decode: no fast launch for %s (%s: %s)", kernel, type(e).__name__, e)
         return False
 
 
@@ -836,7 +847,7 @@ def _run(kernel, launch: _Launch, which: int, grid, args: tuple, meta: dict, ali
             return
         except Exception as e:  # noqa: BLE001 -- the generic launch below raises whatever is really wrong
             launch.handles[which] = False
-            log.warning("flash_decode: the fast launch failed (%s: %s); this call key launches generically", type(e), e)
+            log.warning("flash_decode: the fast launch failed (%s: %s); this key launches generically", type(e).__name__, e)
     if current == launch.device.index:
         compiled = kernel[grid](*args, **meta)
     else:
@@ -931,7 +942,7 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     else:
         mask_arg = mask.view(torch.uint8) if launch.mask_bool else mask
     while True:
-        aligned = launch.fast and _aligned(q, k, v, mask_arg, ws)
+        aligned = launch.fast and _aligned5(q, k, v, mask_arg, ws)
         try:
             _run(_decode_split, launch, _SPLIT, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
                  launch.split_meta, aligned)  # fmt: skip
@@ -961,6 +972,6 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     # fmt: off
     merge_args = (ws, *launch.part_offsets, vm_arg, stat, out, lse, *vm_strides, *launch.merge_tail)
     # fmt: on
-    aligned = launch.fast and _aligned(ws, vm_arg, stat, out, lse)
+    aligned = launch.fast and _aligned5(ws, vm_arg, stat, out, lse)
     _run(_decode_merge, launch, _MERGE, launch.merge_grid, merge_args, launch.merge_meta, aligned)
     return out, lse
