@@ -24,7 +24,7 @@ graphs does not. The first version spent 165-300 us here on an H100 host, more t
 
 ``--host`` breaks one op call down instead (``torch.ops.flashfuse.attention`` as Inductor's code calls it, under
 ``no_grad``, a Llama decode step: B = 1, Sk = 4096, an additive ``[B, 1, 1, Sk]`` mask as transformers' static
-cache passes it): the dispatcher, the op's checks, ``flash_decode_forward`` and each launch (Triton's generic
+cache passes it, its last 64 slots masked): the dispatcher, the op's checks, ``flash_decode_forward`` and each launch (Triton's generic
 launch vs the compiled handle), and the op's body as it would be with its hot path (``flash_decode.forward_known``
 first). Each figure is the median over batches of 100 calls with a device sync between batches (so the GPU's
 launch queue never fills and the figure is host time, not GPU time). On the CPU the kernels are stubbed out.
@@ -162,6 +162,7 @@ def host_breakdown(device: str, B: int = 1, Sk: int = 4096) -> list[tuple[str, f
     k = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
     v = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
     mask = torch.zeros(B, 1, 1, Sk, dtype=dtype, device=device)
+    mask[..., Sk - 64 :] = float("-inf")  # a static cache's mask: the slots past the current token are masked
     scale, fill = d**-0.5, float("-inf")
     kw = {"scale": scale, "mask_fill": fill}
     real_run = flash_decode._run
