@@ -329,6 +329,9 @@ def _draw_rng_state(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=q.device)
 
 
+_FLASH_DECODE = None  # flashfuse.kernels.flash_decode, once a call has imported it (it imports triton)
+
+
 @torch.library.custom_op("flashfuse::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _attention(
     q: torch.Tensor,
@@ -344,23 +347,34 @@ def _attention(
     dropout_p: float = 0.0,
     additive_fill: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    global _FLASH_DECODE
+    decode = os.environ.get("FLASHFUSE_DECODE", "1") != "0"
+    if decode and _FLASH_DECODE is not None and dropout_p.__class__ is float and dropout_p == 0.0:
+        # a decode step's hot path: a call key (shapes, strides, dtypes, devices, scalars) this op validated and
+        # sent to flash_decode before proves every check below again; ~1/3 of the op's host time
+        hit = _FLASH_DECODE.forward_known(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks)
+        if hit is not None:
+            return hit[0], hit[1], _draw_rng_state(q, 0.0)
     validate_attention_args(q, k, v, mask, window_left, window_right)
     _validate_sinks(q, sinks)
     dropout_p = _check_dropout_p(dropout_p)
     if scale is None:  # the graph proved the scale is 1/sqrt(head_dim) for a symbolic head dim
         scale = 1.0 / math.sqrt(q.shape[-1])
     rng_state = _draw_rng_state(q, dropout_p)
-    mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
-    if _use_kernel(q) and os.environ.get("FLASHFUSE_DECODE", "1") != "0":
+    if decode and _use_kernel(q):
         from flashfuse.kernels import flash_decode
 
+        _FLASH_DECODE = flash_decode
         if flash_decode.supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
                                  mask_fill=mask_fill, softcap=softcap, sinks=sinks, dropout_p=dropout_p) is None:
-            # a few query rows against a long KV cache: split-KV (flash-decoding), merged by log-sum-exp
+            # a few query rows against a long KV cache: split-KV (flash-decoding), merged by log-sum-exp. Before
+            # the mask probe: its host sync per new mask (each token's) buys nothing here, where the mask is
+            # 1 / (2 D) of the bytes the kernel reads
             out, lse = flash_decode.flash_decode_forward(
                 q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
-                mask_fill=mask_fill, softcap=softcap, sinks=sinks)
+                mask_fill=mask_fill, softcap=softcap, sinks=sinks, op_checked=True)
             return out, lse, rng_state
+    mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
     if q.device.type == "cuda" and _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks,
                                                        dropout_p) is None:
         result = _cudnn_forward(q, k, v, scale, causal=window_right == 0)
