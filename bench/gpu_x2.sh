@@ -101,7 +101,8 @@ final_a() {  # timings, GPU 0 alone (lane B/C's tests use GPU 1); every step bou
       >>"$OUT/bench.txt" 2>&1
     echo "fp8 bench $scheme rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
   done
-  CUDA_VISIBLE_DEVICES=0 timeout -k 10 60 python3 bench/decode.py --quick >>"$OUT/bench.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout -k 10 70 bash -c 'python3 bench/decode.py --quick && python3 bench/decode.py --host' \
+    >>"$OUT/bench.txt" 2>&1
   echo "decode bench rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
   CUDA_VISIBLE_DEVICES=0 timeout -k 10 $(( 450 - SECONDS > 60 ? 450 - SECONDS : 60 )) python3 bench/models.py --quick \
     --budget-s $(( 410 - SECONDS > 40 ? 410 - SECONDS : 40 )) >>"$OUT/bench.txt" 2>&1
@@ -121,9 +122,13 @@ final_c() {
   CUDA_VISIBLE_DEVICES=1 timeout -k 10 300 python3 -m pytest -v -p no:cacheprovider -m gpu \
     tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py >"$OUT/gpu_tests2.txt" 2>&1
   echo "gpu tests (fp8) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
-  CUDA_VISIBLE_DEVICES=1 timeout -k 10 $(( 520 - SECONDS > 30 ? 520 - SECONDS : 30 )) python3 -m pytest -v \
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 150 python3 -m pytest -v -s \
     -p no:cacheprovider -m gpu tests/kernels/test_flash_decode.py >>"$OUT/gpu_tests2.txt" 2>&1
   echo "gpu tests (decode) rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
+  # tokens/s of transformers generate (GPU 1 is shared with lane B's tests: an upper bound on the times)
+  CUDA_VISIBLE_DEVICES=1 timeout -k 10 $(( 535 - SECONDS > 30 ? 535 - SECONDS : 30 )) python3 bench/generate.py \
+    --layers 4 --batch 1 16 --new-tokens 32 --reps 2 >"$OUT/generate.txt" 2>&1
+  echo "generate rc=$? at ${SECONDS}s" >>"$OUT/lanes.txt"
 }
 
 if [[ ${PLAN:-verify} == final ]]; then
@@ -147,5 +152,6 @@ $(grep -cE ' (FAILED|ERROR)' "$OUT/$f.txt") failed/error; $(pytest_count "$OUT/$
   if [[ ${PLAN:-verify} == tune ]]; then echo "== tune_bwd (tail)"; tail -30 "$OUT/tune_bwd.txt"; else
     echo "== benchmarks"; grep -E "^\||^summary|^#|TFLOP|GB/s" "$OUT/bench.txt" | tail -60; fi
   echo "== distributed bench"; grep -E "^\||^fsdp|^ddp|consistency" "$OUT/dist_bench.txt" | tail -14
+  [[ -f "$OUT/generate.txt" ]] && { echo "== generate"; grep -E "^\||^#|flash_decode|speed" "$OUT/generate.txt" | tail -14; }
   echo "wall ${SECONDS}s"
 } | tee -a "$OUT/summary.txt"
