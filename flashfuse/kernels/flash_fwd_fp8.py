@@ -203,7 +203,7 @@ def _attn_blocks(
         else:
             k_ptrs = K_head + tl.cast(start_n, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
             if EDGE:
-                k = tl.load(k_ptrs, mask=cols[:, None] < Sk, other=0)
+                k = tl.load(k_ptrs, mask=cols[:, None] < Sk, other=0.0)
             else:
                 k = tl.load(k_ptrs)
         sk = tl.load(SK_head + cols, mask=cols < Sk, other=0.0)
@@ -304,7 +304,7 @@ def _attn_fwd_fp8(
         desc_v = None
         desc_o = None
         q = tl.load(Q_head + offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(offs_m < Sq)[:, None], other=0)
+                    mask=(offs_m < Sq)[:, None], other=0.0)
     sq = tl.load(SQ + bh * Sq + offs_m, mask=offs_m < Sq, other=0.0)
     a_i = sq * qk_scale  # Q's per-row scale, the softmax scale, log2(e), the rotation's 1/D
 
