@@ -287,6 +287,20 @@ def forward(model, kind: str, *, padded: bool):
     raise ValueError(kind)
 
 
+def _cache_of(out):
+    """The KV cache of a model output: ``out.cache`` (transformers >= 5.2x) or ``out.past_key_values`` (5.17)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_kw(model, cache) -> dict:
+    """The cache argument under its name in this transformers: ``cache=`` (newer) or ``past_key_values=``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def prefill(model, kind: str, *, padded: bool):
     """Run the prompt eagerly. Returns ``(cache, next_ids, mask, enc)`` for q_len=1 decode steps.
 
@@ -298,19 +312,19 @@ def prefill(model, kind: str, *, padded: bool):
         if kind == "causal_lm":
             mask = left_padded_mask() if padded else None
             out = model(input_ids=input_ids(), attention_mask=mask, use_cache=True)
-            return out.cache, out.logits[:, -1:].argmax(-1), grow(kind, mask), None
+            return _cache_of(out), out.logits[:, -1:].argmax(-1), grow(kind, mask), None
         if kind == "seq2seq":
             mask = right_padded_mask() if padded else None
             enc = model.get_encoder()(input_ids=input_ids(), attention_mask=mask).last_hidden_state
             out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=input_ids(seq=12),
                         use_cache=True)
-            return out.cache, out.logits[:, -1:].argmax(-1), mask, enc
+            return _cache_of(out), out.logits[:, -1:].argmax(-1), mask, enc
         if kind == "whisper":
             dmask = left_padded_mask(seq=12) if padded else None
             enc = model.get_encoder()(input_features=mel()).last_hidden_state
             out = model(encoder_outputs=(enc,), decoder_input_ids=input_ids(seq=12), decoder_attention_mask=dmask,
                         use_cache=True)
-            return out.cache, out.logits[:, -1:].argmax(-1), grow(kind, dmask), enc
+            return _cache_of(out), out.logits[:, -1:].argmax(-1), grow(kind, dmask), enc
     raise ValueError(kind)
 
 
@@ -324,15 +338,15 @@ def grow(kind: str, mask):
 def step_fn(model, kind: str):
     """``fn(ids, mask, cache, enc) -> logits`` for one decode step; mutates ``cache`` (pass a copy)."""
     if kind == "causal_lm":
-        return lambda ids, mask, cache, enc: model(input_ids=ids, attention_mask=mask, cache=cache,
+        return lambda ids, mask, cache, enc: model(input_ids=ids, attention_mask=mask, **_cache_kw(model, cache),
                                                    use_cache=True).logits
     if kind == "seq2seq":
         return lambda ids, mask, cache, enc: model(encoder_outputs=(enc,), attention_mask=mask,
-                                                   decoder_input_ids=ids, cache=cache,
+                                                   decoder_input_ids=ids, **_cache_kw(model, cache),
                                                    use_cache=True).logits
     if kind == "whisper":
         return lambda ids, mask, cache, enc: model(encoder_outputs=(enc,), decoder_input_ids=ids,
-                                                   decoder_attention_mask=mask, cache=cache,
+                                                   decoder_attention_mask=mask, **_cache_kw(model, cache),
                                                    use_cache=True).logits
     raise ValueError(kind)
 
