@@ -240,9 +240,10 @@ def _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_f
                     softcap=softcap, mask_fill=mask_fill, sinks=sinks)
 
 
-# id(mask) -> (weakref to the mask, its _version when probed, "causal" | "full" | None); an entry leaves with its
-# tensor. (Not a WeakKeyDictionary: its lookups compare tensors with ==, which is elementwise.)
-_MASK_PROBES: dict[int, tuple[weakref.ref, int, str | None]] = {}
+# id(root) -> (weakref to the root tensor, its _version when probed, {view geometry: "causal" | "full" | None});
+# the root is the mask or the tensor it views; an entry leaves with its tensor. (Not a WeakKeyDictionary: its
+# lookups compare tensors with ==, which is elementwise.)
+_MASK_PROBES: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
 def _forget_probe(key: int, ref: weakref.ref) -> None:
@@ -253,6 +254,12 @@ _PROBE_DEVICES = ("cuda",)
 # an additive mask value at or below this is "masked": with the row's diagonal key kept (value 0), such a key's
 # weight exp(s + value - max) is exactly 0 in float32 for any scores |s| < 1e29 (ulp(1e30) alone is 7e22)
 _MASKED_AT = -1e30
+
+
+def _probe_root(mask: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``mask`` views (Inductor hands a graph input's slice over as a fresh view)."""
+    base = mask._base
+    return mask if base is None else base
 
 
 def _probe_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> str | None:
@@ -267,36 +274,57 @@ def _probe_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> 
     layer, forward and backward), and runs the mask-free causal (or unmasked) computation when the values say
     so. Exactly equal: kept entries are exactly ``True`` / ``0.0`` (``s + 0 == s``), masked ones ``False`` or
     ``<= -1e30`` (weight exactly 0 next to the kept diagonal), so no row is empty and ``mask_fill`` cannot
-    matter. Only dense masks ([..., Sq, Sk], not broadcast along either), on ``_PROBE_DEVICES`` (CUDA: where
-    the fast paths are), never while a CUDA graph is being captured (no sync allowed), never for a mask that
-    needs a gradient. ``FLASHFUSE_MASK_PROBE=0`` turns it off.
+    matter. Only dense masks ([..., Sq, Sk], not broadcast along either) with Sq > 16 (not a decode step), on
+    ``_PROBE_DEVICES`` (CUDA: where the fast paths are), never while a CUDA graph is being captured (no sync
+    allowed), never for a mask that needs a gradient or an inference tensor (no version counter).
+    ``FLASHFUSE_MASK_PROBE=0`` turns it off.
+
+    NOTE: only for masks the rewrite marked ``probe_mask``: a graph input, or views of one. The cache trusts
+    (the input tensor object, its version counter, the view's geometry) to name the same values; that holds
+    for a graph's inputs, which Inductor never overwrites, but not for its intermediate buffers, which it
+    reuses under the same Python object with no version bump (a second mask computed into the first one's
+    buffer would get the first one's verdict).
     """
     if (mask is None or q.device.type not in _PROBE_DEVICES or mask.requires_grad or mask.dim() < 2
-            or os.environ.get("FLASHFUSE_MASK_PROBE", "1") == "0"):
+            or mask.is_inference() or os.environ.get("FLASHFUSE_MASK_PROBE", "1") == "0"):
         return None
     Sq, Sk = q.shape[-2], k.shape[-2]
-    if tuple(mask.shape[-2:]) != (Sq, Sk) or mask.stride(-1) == 0 or mask.stride(-2) == 0 or Sq == 0 or Sk == 0:
+    if (tuple(mask.shape[-2:]) != (Sq, Sk) or mask.stride(-1) == 0 or mask.stride(-2) == 0 or Sq <= 16
+            or Sk == 0):
         return None
     if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
         return None
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    hit = _MASK_PROBES.get(id(mask))
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        return hit[2]
-    with torch.no_grad():
-        if mask.dtype == torch.bool:
-            kept, masked = mask, ~mask
-        else:
-            kept, masked = mask == 0, mask <= _MASKED_AT
-        i = torch.arange(Sq, device=mask.device)
-        causal = torch.arange(Sk, device=mask.device)[None, :] <= i[:, None]
-        is_causal = (kept == causal).all() & (kept | masked).all()
-        verdict = torch.stack([is_causal, kept.all()]).tolist()  # the one host sync
+    root = _probe_root(mask)
+    geometry = (mask.storage_offset(), tuple(mask.shape), mask.stride(), mask.dtype)
+    hit = _MASK_PROBES.get(id(root))
+    if hit is not None and hit[0]() is root and hit[1] == root._version and geometry in hit[2]:
+        return hit[2][geometry]
+    try:
+        with torch.no_grad():
+            # broadcast (stride-0) leading dims hold one copy of the values: look at that copy only
+            m = mask
+            for d in range(m.dim() - 2):
+                if m.stride(d) == 0 and m.shape[d] > 1:
+                    m = m.narrow(d, 0, 1)
+            if m.dtype == torch.bool:
+                kept, masked = m, ~m
+            else:
+                kept, masked = m == 0, m <= _MASKED_AT
+            i = torch.arange(Sq, device=m.device)
+            causal = torch.arange(Sk, device=m.device)[None, :] <= i[:, None]
+            is_causal = (kept == causal).all() & (kept | masked).all()
+            verdict = torch.stack([is_causal, kept.all()]).tolist()  # the one host sync
+    except Exception:  # noqa: BLE001 -- out of memory etc.: keep the mask (always right)
+        return None
     kind = "causal" if verdict[0] else "full" if verdict[1] else None
-    key = id(mask)
-    ref = weakref.ref(mask, lambda r, key=key: _forget_probe(key, r))
-    _MASK_PROBES[key] = (ref, mask._version, kind)
+    if hit is not None and hit[0]() is root and hit[1] == root._version:
+        hit[2][geometry] = kind
+    else:
+        key = id(root)
+        ref = weakref.ref(root, lambda r, key=key: _forget_probe(key, r))
+        _MASK_PROBES[key] = (ref, root._version, {geometry: kind})
     return kind
 
 
@@ -346,6 +374,7 @@ def _attention(
     sinks: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     additive_fill: bool = False,
+    probe_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     global _FLASH_DECODE
     decode = os.environ.get("FLASHFUSE_DECODE", "1") != "0"
@@ -374,7 +403,8 @@ def _attention(
                 q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
                 mask_fill=mask_fill, softcap=softcap, sinks=sinks, op_checked=True)
             return out, lse, rng_state
-    mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
+    if probe_mask:
+        mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
     if q.device.type == "cuda" and _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks,
                                                        dropout_p) is None:
         result = _cudnn_forward(q, k, v, scale, causal=window_right == 0)
@@ -423,7 +453,7 @@ def _validate_sinks(q: torch.Tensor, sinks) -> None:
 
 @_attention.register_fake
 def _attention_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None, dropout_p=0.0,
-                    additive_fill=False):
+                    additive_fill=False, probe_mask=False):
     _check_dropout_p(dropout_p)
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
@@ -456,6 +486,7 @@ def _attention_backward(
     dropout_p: float = 0.0,
     rng_state: Optional[torch.Tensor] = None,
     additive_fill: bool = False,
+    probe_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # NOTE: no autograd here: a custom op's body runs below the autograd dispatch key
     dropout_p = _check_dropout_p(dropout_p)
@@ -463,9 +494,9 @@ def _attention_backward(
         raise ValueError("rng_state: the forward's rng_state (third output) is required when dropout_p > 0")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if not (need_dmask and mask is not None and mask.dtype != torch.bool):
-        # the forward's choice (cached per mask: no second sync; no row is empty under what it finds, so the
-        # empty-row terms below are skipped too); a mask that needs its gradient stays
+    if probe_mask and not (need_dmask and mask is not None and mask.dtype != torch.bool):
+        # the forward's choice (cached per mask, normally no second sync; no row is empty under what it finds,
+        # so the empty-row terms below are skipped too); a mask that needs its gradient stays
         mask, window_left, window_right = _apply_probe(q, k, mask, window_left, window_right)
     grads = None
     kernel = _use_kernel(q)
@@ -589,7 +620,7 @@ def _backward_kernel(grad_out, q, k, v, mask, out, lse, scale, window_left, wind
 @_attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_left, window_right, mask_fill,
                              softcap, sinks=None, need_dmask=True, dropout_p=0.0, rng_state=None,
-                             additive_fill=False):
+                             additive_fill=False, probe_mask=False):
     has_dmask = mask is not None and mask.dtype != torch.bool and need_dmask
     dmask = torch.empty_like(mask) if has_dmask else q.new_empty(0)
     dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
@@ -597,6 +628,7 @@ def _attention_backward_fake(grad_out, q, k, v, mask, out, lse, scale, window_le
 
 
 _FP8_FALLBACK: list[str] = []  # the first runtime refusal of the FP8 kernel in this process (warned once)
+_FP8_BROKEN: list[str] = []  # the first compile/launch failure of the FP8 kernel (then it is not tried again)
 
 
 @torch.library.custom_op("flashfuse::attention_fp8", mutates_args=())
@@ -609,8 +641,16 @@ def _attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     from flashfuse.kernels import flash_fwd_fp8
 
     reason = flash_fwd_fp8.supports(q, k, v, scale=scale, causal=causal)
-    if reason is None:
-        return flash_fwd_fp8.flash_attention_forward_fp8(q, k, v, scale, causal)
+    if reason is None and not _FP8_BROKEN:
+        try:
+            return flash_fwd_fp8.flash_attention_forward_fp8(q, k, v, scale, causal)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a compile/launch failure: the regular kernel, from now on
+            _FP8_BROKEN.append(f"{type(exc).__name__}: {str(exc)[:160]}")
+            reason = f"the FP8 kernel failed ({_FP8_BROKEN[0]})"
+    elif reason is None:
+        reason = f"the FP8 kernel failed earlier in this process ({_FP8_BROKEN[0]})"
     if not _FP8_FALLBACK:
         _FP8_FALLBACK.append(reason)
         warnings.warn(f"flashfuse: the FP8 kernel cannot run this call ({reason}); using the regular kernel",
@@ -660,6 +700,7 @@ def _setup_context(ctx, inputs, output):
     sinks = rest[0] if rest else None
     dropout_p = rest[1] if len(rest) > 1 else 0.0
     ctx.additive_fill = rest[2] if len(rest) > 2 else False
+    ctx.probe_mask = rest[3] if len(rest) > 3 else False
     out, lse, rng_state = output
     ctx.save_for_backward(q, k, v, mask, out, lse, sinks, rng_state)  # no [Sq, Sk] tensor: the mask is rng_state
     ctx.params = (scale, window_left, window_right, mask_fill, softcap)
@@ -671,10 +712,10 @@ def _backward(ctx, grad_out, grad_lse, grad_rng_state):
     q, k, v, mask, out, lse, sinks, rng_state = ctx.saved_tensors
     dq, dk, dv, dmask, dsinks = torch.ops.flashfuse.attention_backward(
         grad_out, q, k, v, mask, out, lse, *ctx.params, sinks, ctx.need_dmask, ctx.dropout_p, rng_state,
-        ctx.additive_fill)
+        ctx.additive_fill, ctx.probe_mask)
     dmask = dmask if ctx.need_dmask else None
     dsinks = dsinks if sinks is not None else None
-    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

@@ -141,3 +141,22 @@ def test_gpu_fp8_through_inductor(gqa):
     assert site.flags["fp8"] is True, site.flags
     ref = fn(q.double(), k.double(), v.double())
     assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]
+
+
+def test_a_failing_fp8_kernel_falls_back_with_a_warning(monkeypatch):
+    """A compile/launch failure inside the FP8 kernel must not break the model: the regular op computes the call,
+    one warning says why, and the kernel is not tried again in the process."""
+    from flashfuse.kernels import flash_fwd_fp8
+
+    def broken(*a, **kw):
+        raise RuntimeError("ptxas died")
+
+    monkeypatch.setattr(flash_fwd_fp8, "flash_attention_forward_fp8", broken)
+    monkeypatch.setattr(ops, "_FP8_FALLBACK", [])
+    monkeypatch.setattr(ops, "_FP8_BROKEN", [])
+    q, k, v = _inputs()
+    with pytest.warns(RuntimeWarning, match="ptxas died"):
+        out = torch.ops.flashfuse.attention_fp8(q, k, v, None, True)
+    want = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0, -math.inf, 0.0)[0]
+    assert torch.equal(out, want) and len(ops._FP8_BROKEN) == 1
+    assert torch.equal(torch.ops.flashfuse.attention_fp8(q, k, v, None, True), want)  # no second try

@@ -16,7 +16,7 @@ from flashfuse import ops
 from flashfuse.kernels import flash_bwd, flash_fwd
 from flashfuse.testing import attention_ref
 
-S, D = 37, 16
+S, D = 37, 16  # S > 16: shorter query blocks are decode steps, never probed
 
 
 @pytest.fixture
@@ -49,8 +49,9 @@ def _causal(seq_k=S):
     return torch.arange(seq_k)[None, :] <= torch.arange(S)[:, None]
 
 
-def _run(q, k, v, mask, fill=-math.inf):
-    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, fill, 0.0)[0]
+def _run(q, k, v, mask, fill=-math.inf, probe=True):
+    # probe_mask=True: what the rewrite passes for a mask that is a graph input (or views one)
+    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, fill, 0.0, None, 0.0, False, probe)[0]
     g = torch.randn_like(out)
     return out, torch.autograd.grad(out, (q, k, v), g), g
 
@@ -76,7 +77,7 @@ def test_a_causal_mask_tensor_runs_as_the_causal_band(kind, groups, probe_on_cpu
     out, _, _ = _run(q, k, v, mask, fill)
     # the kernels saw no mask and the causal band, forward and backward
     assert probe_on_cpu["fwd"] == [(None, None, 0)] and probe_on_cpu["bwd"] == [(None, None, 0)]
-    assert ops._MASK_PROBES[id(mask)][2] == "causal"
+    assert list(ops._MASK_PROBES[id(ops._probe_root(mask))][2].values()) == ["causal"]
     # the same result as the mask computed the long way (reference with the mask, float64)
     ref, _ = attention_ref(*(t.detach().double() for t in (q, k, v)), mask.double() if mask.dtype != torch.bool
                            else mask, scale=0.25)
@@ -91,12 +92,12 @@ def test_probed_gradients_equal_the_mask_path(probe_on_cpu, monkeypatch):
     """Gradients through the probe (band kernels) = gradients with the probe off (mask kernels), same g."""
     q, k, v = _qkv(2)
     mask = torch.zeros(2, 1, S, S).masked_fill(~_causal(), MIN32)
-    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, MIN32, 0.0, None, 0.0, True)[0]
+    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, MIN32, 0.0, None, 0.0, True, True)[0]
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), g)
     assert probe_on_cpu["bwd"][-1] == (None, None, 0)
     monkeypatch.setenv("FLASHFUSE_MASK_PROBE", "0")
-    out2 = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, MIN32, 0.0, None, 0.0, True)[0]
+    out2 = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, MIN32, 0.0, None, 0.0, True, True)[0]
     want = torch.autograd.grad(out2, (q, k, v), g)
     assert probe_on_cpu["bwd"][-1][0] is mask
     assert (out - out2).abs().max().item() < 1e-6
@@ -176,7 +177,7 @@ def test_the_verdict_is_cached_per_tensor_and_version(probe_on_cpu, monkeypatch)
 def test_a_mask_that_needs_its_gradient_is_not_probed(probe_on_cpu):
     q, k, v = _qkv()
     mask = torch.zeros(1, 1, S, S).masked_fill(~_causal(), -math.inf).requires_grad_(True)
-    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, -math.inf, 0.0)[0]
+    out = torch.ops.flashfuse.attention(q, k, v, mask, 0.25, None, None, -math.inf, 0.0, None, 0.0, False, True)[0]
     out.sum().backward()
     assert probe_on_cpu["fwd"][0][0] is mask and probe_on_cpu["bwd"][0][0] is mask
     assert mask.grad is not None and torch.isfinite(mask.grad[_causal()[None, None]]).all()
@@ -185,3 +186,59 @@ def test_a_mask_that_needs_its_gradient_is_not_probed(probe_on_cpu):
 def test_off_on_the_cpu_by_default():
     q, k, v = _qkv()
     assert ops._probe_mask(q, k, _causal()[None, None]) is None
+
+
+def test_not_asked_not_probed(probe_on_cpu):
+    """Without ``probe_mask`` (a mask computed inside the graph, or a direct call) the mask is used as given."""
+    q, k, v = _qkv()
+    mask = _causal()[None, None]
+    _run(q, k, v, mask, probe=False)
+    assert probe_on_cpu["fwd"][0][0] is mask and probe_on_cpu["bwd"][0][0] is mask
+
+
+def test_inference_tensors_and_decode_steps_are_not_probed(probe_on_cpu):
+    q, k, v = _qkv()
+    with torch.inference_mode():
+        mask = _causal()[None, None].clone()
+        out = torch.ops.flashfuse.attention(q.detach(), k.detach(), v.detach(), mask, 0.25, None, None, -math.inf,
+                                            0.0, None, 0.0, False, True)[0]
+    assert probe_on_cpu["fwd"][-1][0] is mask  # no version counter to cache on: used as given
+    assert torch.isfinite(out).all()
+    q1 = q[:, :, :1].detach()
+    assert ops._probe_mask(q1, k, torch.ones(1, 1, 1, S, dtype=torch.bool)) is None
+
+
+def test_a_broadcast_mask_is_probed_on_its_one_copy(probe_on_cpu):
+    q, k, v = _qkv()
+    mask = _causal()[None, None].expand(2, 4, S, S)  # stride 0 on batch and heads
+    _run(q, k, v, mask)
+    assert probe_on_cpu["fwd"] == [(None, None, 0)]
+
+
+def _sdpa_like(q, k, v, m):
+    s = q @ k.transpose(-2, -1) * 0.25 + m[:, :, : q.shape[-2], : k.shape[-2]]
+    return torch.softmax(s, dim=-1) @ v
+
+
+def test_the_rewrite_asks_for_a_probe_only_for_graph_inputs(probe_on_cpu):
+    """A mask argument of the compiled function (sliced: a view) is probed: the kernels see the band. The same
+    mask computed inside the graph is not (Inductor may reuse an intermediate's buffer for another mask without
+    a version bump, which a cached verdict would not see)."""
+    q, k, v = (t.detach() for t in _qkv())
+    big = torch.zeros(1, 1, S + 5, S + 5).masked_fill(~(torch.arange(S + 5)[None, :] <= torch.arange(S + 5)[:, None]),
+                                                   MIN32)
+    torch._dynamo.reset()
+    out = torch.compile(_sdpa_like, backend="flashfuse", options={"inductor": False})(q, k, v, big)
+    assert probe_on_cpu["fwd"] == [(None, None, 0)]
+    assert (out - _sdpa_like(q, k, v, big)).abs().max().item() < 1e-5
+
+    def inner(q, k, v, n):
+        i = torch.arange(n.shape[0])
+        m = torch.where(i[None, :] <= i[:, None], 0.0, MIN32) * (n.sum() * 0 + 1)  # data-dependent: a dense mask
+        return _sdpa_like(q, k, v, m[None, None])
+
+    probe_on_cpu["fwd"].clear()
+    torch._dynamo.reset()
+    out = torch.compile(inner, backend="flashfuse", options={"inductor": False})(q, k, v, torch.ones(S))
+    assert len(probe_on_cpu["fwd"]) == 1 and probe_on_cpu["fwd"][0][0] is not None
+    assert (out - inner(q, k, v, torch.ones(S))).abs().max().item() < 1e-5

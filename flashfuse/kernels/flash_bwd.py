@@ -220,9 +220,11 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
 
     The fp16/bf16 configs for D = 64, 128, 256 are the sweep's best per head dim (``bench/tune_bwd.py``,
     NVIDIA H200, triton 3.6, bf16, S = 4k and 8k x causal/full x MHA/GQA 32/8, 2026-11-29; bench/RESULTS.md):
-    each is within 4% of the best config of every one of its 8 cases (D = 128: the dK/dV pass's best tiles
-    and stages, 64 x 128 in 2 stages, with the dQ pass's best, 128 x 64 in 3 stages: the sweep's per-pass times
-    add up to 8-9% less than its best single config). Against the untuned configs they are 3.0-3.5x faster
+    D = 64 and 256 take the single config within 4% of the best of every one of their 8 cases. D = 128 combines
+    the dK/dV pass's best tiles and stages (64 x 128, 2 stages) with the dQ pass's (128 x 64, 3 stages): the
+    sweep's per-pass times add up to 8-9% less than its best single config; timed as a whole in the session-3
+    fwd+bwd table (causal S = 4k): 326 TFLOP/s of fwd+bwd against 307 with the best single config
+    (32, 128, 128, 64, 8, 3). Against the untuned configs they are 3.0-3.5x faster
     (D = 128 causal S = 4k: 96 -> 276-293 TFLOP/s of backward). Other head dims (16, 32) keep the unmeasured
     tutorial-derived tiles. Whatever does not compile is shrunk at launch (``_smaller``).
     """

@@ -18,6 +18,28 @@ from flashfuse.passes.canonicalize import to_dtype
 
 __all__ = ["rewrite_site"]
 
+# ops that give a view of their first argument (as Dynamo records them)
+_VIEWS = {operator.getitem, torch.Tensor.view, torch.Tensor.expand, torch.Tensor.unsqueeze, torch.unsqueeze,
+          torch.Tensor.narrow, torch.narrow, torch.Tensor.__getitem__}
+
+
+def _is_input_view(node: fx.Node) -> bool:
+    """``node`` is a graph input or a chain of basic-index views of one (``x[:, :, :S, :S]``, unsqueeze, ...).
+
+    Such a mask may be probed by the op at run time (``ops._probe_mask``): its values live in a tensor the
+    caller owns, which the compiled graph never overwrites, so a verdict cached on that tensor stays true while
+    its version counter does."""
+    while node.op == "call_function" and node.target in _VIEWS:
+        if node.target in (operator.getitem, torch.Tensor.__getitem__):
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(isinstance(i, fx.Node) or not (i is None or i is Ellipsis or isinstance(i, (int, slice)))
+                   for i in idx):
+                return False  # advanced indexing copies (slices with symbolic bounds are still views)
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return node.op == "placeholder"
+
 
 def _lift(graph: fx.Graph, node: fx.Node, times: int, like: fx.Node) -> fx.Node:
     for _ in range(times):
@@ -111,6 +133,10 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         # one mask tensor for the op: boolean keep-masks AND-ed; with an additive bias as well, each boolean
         # mask joins the bias as where(keep, 0, fill) (what `masked_fill(~keep, fill)` adds, up to rounding)
         has_bias = any(term.kind == "additive" for term in site.masks)
+        # one mask, used as it is, that views a graph input: the op may probe its values (ops._probe_mask)
+        probe_mask = (len(site.masks) == 1 and not site.masks[0].negate and site.masks[0].scale == 1.0
+                      and not (site.masks[0].in_mm_layout and site.reshape_to_softmax)
+                      and _is_input_view(site.masks[0].node))
         mask = None
         for term in site.masks:
             m = term.node
@@ -150,7 +176,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
                 torch.ops.flashfuse.attention.default,
                 (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
                  float(site.mask_fill), float(site.softcap), sinks, float(site.dropout or 0.0),
-                 bool(site.additive_fill)),
+                 bool(site.additive_fill), bool(probe_mask)),
                 like=pv,
             )
             out = insert_call(graph, operator.getitem, (call, 0), like=pv)
