@@ -160,3 +160,23 @@ def test_a_failing_fp8_kernel_falls_back_with_a_warning(monkeypatch):
     want = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0, -math.inf, 0.0)[0]
     assert torch.equal(out, want) and len(ops._FP8_BROKEN) == 1
     assert torch.equal(torch.ops.flashfuse.attention_fp8(q, k, v, None, True), want)  # no second try
+
+
+def bmm_causal_attention(q, k, v):
+    """The 3-D form (``[B*H, S, D]`` and ``torch.bmm``) some research code writes, K transposed by the caller."""
+    s = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+    n = q.shape[-2]
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.bmm(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
+
+
+def test_the_fp8_decision_sees_the_ops_own_inputs(fp8_on_cpu):
+    """Decided on the q, k, v the op receives (lifted to 4-D), not on the site's raw 3-D operands."""
+    q, k, v = (t.flatten(0, 1) for t in _inputs())
+    with torch.no_grad():
+        out, rep = _compile(bmm_causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is True, site.flags
+    assert fp8_on_cpu == [True]
+    ref = bmm_causal_attention(*(t.double() for t in (q, k, v)))
+    assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]

@@ -60,9 +60,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
         for term in site.masks:
             term.node = replaced.get(term.node, term.node)
-        fp8_reason = _fp8_refusal(site) if ctx.config.fp8 else None
+        replaced[site.pv] = rewrite_site(gm, site, fp8_check=_fp8_check(site) if ctx.config.fp8 else None)
+        fp8_reason = getattr(site, "fp8_refused", None)
         use_fp8 = ctx.config.fp8 and fp8_reason is None
-        replaced[site.pv] = rewrite_site(gm, site, fp8=use_fp8)
         flags = dict(site.flags)
         flags["kernel"] = _fp8_kernel_name() if use_fp8 else _kernel_choice(site)
         if ctx.config.fp8:
@@ -76,22 +76,26 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
     return {"rewritten": done}
 
 
-def _fp8_refusal(site: AttentionSite) -> str | None:
-    """Why an ``options={"fp8": True}`` site keeps the regular kernel (None: it runs the FP8 kernel)."""
+def _fp8_check(site: AttentionSite):
+    """``check(q, k, v)`` -> why an ``options={"fp8": True}`` site keeps the regular kernel (None: it runs the FP8
+    kernel); ``rewrite_site`` asks it with the op's own q, k, v."""
     from flashfuse.ops import fp8_refusal
-    from flashfuse.passes.graph_utils import tensor_val
 
     band = site.band
     wl = site.windows.get("window_left", None if band.lo is None else -band.lo)
     wr = site.windows.get("window_right", band.hi)
     symbolic = any(not (w is None or isinstance(w, int)) for w in (wl, wr))
-    try:
-        return fp8_refusal(
-            tensor_val(site.q), tensor_val(site.k), tensor_val(site.v), has_mask=bool(site.masks),
-            has_sinks=site.sinks is not None, softcap=float(site.softcap), dropout_p=float(site.dropout or 0.0),
-            window_left=None if symbolic else wl, window_right=None if symbolic else wr, symbolic_band=symbolic)
-    except Exception as exc:  # the decision must not break a compile: no FP8, say why
-        return f"not checkable ({type(exc).__name__}: {exc})"
+
+    def check(q, k, v) -> str | None:
+        try:
+            return fp8_refusal(
+                q, k, v, has_mask=bool(site.masks), has_sinks=site.sinks is not None, softcap=float(site.softcap),
+                dropout_p=float(site.dropout or 0.0), window_left=None if symbolic else wl,
+                window_right=None if symbolic else wr, symbolic_band=symbolic)
+        except Exception as exc:  # the decision must not break a compile: no FP8, say why
+            return f"not checkable ({type(exc).__name__}: {exc})"
+
+    return check
 
 
 def _fp8_kernel_name() -> str:

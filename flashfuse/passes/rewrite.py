@@ -98,12 +98,13 @@ def _to_softmax_layout(graph: fx.Graph, t: fx.Node, site: AttentionSite, like: f
     return insert_call(graph, torch.reshape, (t, new + last), like=like)
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True, fp8: bool = False) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True, fp8_check=None) -> fx.Node:
     """Rewrite one site; returns the node that now stands for the old ``p @ v``.
 
     ``replace=False`` only adds the fused call beside the original subgraph (verify mode compares them).
-    ``fp8=True`` emits ``flashfuse::attention_fp8`` (the caller checked ``ops.fp8_refusal``: no mask, full or
-    causal band, inference).
+    ``fp8_check(q, k, v)``: given (``options={"fp8": True}``), it is asked with the traced values of the op's own
+    q, k, v (4-D, K untransposed, batch made explicit) and the site emits ``flashfuse::attention_fp8`` when it
+    returns None; its answer is left in ``site.fp8_refused``.
     """
     graph = gm.graph
     pv = site.pv
@@ -165,6 +166,10 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
         sinks = None
         if site.sinks is not None:
             sinks = insert_call(graph, torch.reshape, (site.sinks, (_size(graph, site.sinks, 1, pv),)), like=pv)
+        fp8 = False
+        if fp8_check is not None:
+            site.fp8_refused = fp8_check(tensor_val(q), tensor_val(k), tensor_val(v))
+            fp8 = site.fp8_refused is None
         if fp8:
             call = insert_call(graph, torch.ops.flashfuse.attention_fp8.default,
                                (q, k, v, None if site.scale is None else float(site.scale), window_right == 0),
