@@ -245,11 +245,12 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     return BwdConfig(64, 64, 64, 64, 8, 1)
 
 
-def _smaller(cfg: BwdConfig) -> BwdConfig | None:
-    """The next config to try after a shared-memory overflow: fewer stages, then smaller tiles."""
-    if cfg.dq_stages > 2:
+def _smaller(cfg: BwdConfig, pass_: str = "dkdv") -> BwdConfig | None:
+    """The next config to try after a shared-memory overflow of ``pass_``: fewer stages of that pass, then smaller
+    tiles (of both passes)."""
+    if pass_ == "dq" and cfg.dq_stages > 2:
         return replace(cfg, dq_stages=cfg.dq_stages - 1)
-    if cfg.num_stages > 2:
+    if pass_ != "dq" and cfg.num_stages > 2:
         return replace(cfg, num_stages=cfg.num_stages - 1)
     if max(cfg.block_n1, cfg.block_m2) > 32:
         return replace(cfg, block_n1=max(32, cfg.block_n1 // 2), block_m2=max(32, cfg.block_m2 // 2))
@@ -795,7 +796,7 @@ def _launch(kernel, grid_of, args, meta_of, cfg: BwdConfig, device: torch.device
                 kernel[grid_of(cfg)](*args, **launch)
             return cfg
         except OutOfResources as e:
-            smaller = _smaller(cfg)
+            smaller = _smaller(cfg, pass_)
             if smaller is None:
                 raise
             log.info("flash_bwd: %s does not fit %s (%s); trying %s", cfg, kernel.__name__, e, smaller)

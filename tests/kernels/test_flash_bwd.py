@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -544,9 +546,13 @@ def test_the_dq_pass_launches_with_its_own_warps_and_stages():
         assert used == cfg
     assert seen == [(8, 2), (4, 3)]
     assert flash_bwd.BwdConfig(64, 128, 128, 64, 8, 2).warps_stages("dq") == (8, 2)
-    # a shrink keeps the dQ pass's stages within what was asked and reaches one stage for both passes
-    cfg_small = cfg
-    while (nxt := flash_bwd._smaller(cfg_small)) is not None:
-        assert nxt.dq_stages <= cfg_small.dq_stages and nxt.num_stages <= cfg_small.num_stages
-        cfg_small = nxt
-    assert cfg_small.warps_stages("dq")[1] == cfg_small.warps_stages("dkdv")[1] == 1
+    # a shrink first takes a stage from the pass that overflowed, never adds any, and reaches one stage for both
+    assert flash_bwd._smaller(cfg, "dq") == flash_bwd.BwdConfig(64, 128, 128, 64, 8, 2, dq_warps=4, dq_stages=2)
+    assert flash_bwd._smaller(replace(cfg, num_stages=3), "dkdv").num_stages == 2
+    for pass_ in ("dkdv", "dq"):
+        cfg_small = cfg
+        while (nxt := flash_bwd._smaller(cfg_small, pass_)) is not None:
+            assert nxt.dq_stages <= cfg_small.dq_stages and nxt.num_stages <= cfg_small.num_stages
+            assert nxt != cfg_small
+            cfg_small = nxt
+        assert cfg_small.warps_stages("dq")[1] == cfg_small.warps_stages("dkdv")[1] == 1
