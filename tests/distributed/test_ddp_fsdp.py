@@ -97,7 +97,9 @@ def _close(what: str, got: torch.Tensor, want: torch.Tensor, floor: float = 0.0)
     assert err <= REL * scale + floor, f"{what}: max error {err:.3g} vs max|ref| {scale:.3g} (floor {floor:.3g})"
 
 
-def _check(ranks: list[dict], single_process, report_sites: int) -> None:
+def check_ranks(ranks: list[dict], report_sites: int) -> list[training.StepRecord]:
+    """Checks 1 and 2 (also for the GPU twin, test_gpu_nccl.py); returns each step's distributed record: the
+    global loss (mean of equal-sized local means) and the reduced gradients."""
     for r in ranks:
         # 1. every graph of this rank rewritten; the Triton forward and backward once per site per step
         assert_all_rewritten(r["report"], report_sites)
@@ -106,6 +108,7 @@ def _check(ranks: list[dict], single_process, report_sites: int) -> None:
         assert c.get("ref_fwd", 0) == c.get("ref_bwd", 0) == c.get("bwd_kernel_failures", 0) == 0, (r["rank"], c)
         assert c.get("flash_fwd", 0) + c.get("flash_fwd_sm90", 0) == workers.STEPS * SITES, (r["rank"], c)
         assert c.get("flash_bwd", 0) == workers.STEPS * SITES, (r["rank"], c)
+    records = []
     for step in range(workers.STEPS):
         # 2. the ranks hold the same (reduced) gradients
         g0 = ranks[0]["grads"][step]
@@ -113,8 +116,13 @@ def _check(ranks: list[dict], single_process, report_sites: int) -> None:
             assert r["grads"][step].keys() == g0.keys()
             for name, g in g0.items():
                 assert torch.equal(r["grads"][step][name], g), f"step {step} {name}: ranks 0 and {r['rank']} differ"
-        # 3. the global loss (mean of equal-sized local means) and the gradients = the single-process run
-        dist_rec = training.StepRecord(sum(r["losses"][step] for r in ranks) / len(ranks), g0)
+        records.append(training.StepRecord(sum(r["losses"][step] for r in ranks) / len(ranks), g0))
+    return records
+
+
+def _check(ranks: list[dict], single_process, report_sites: int) -> None:
+    for step, dist_rec in enumerate(check_ranks(ranks, report_sites)):
+        # 3. the global loss and the gradients = the single-process run
         sp = single_process["flashfuse"][step]
         assert dist_rec.grads.keys() == sp.grads.keys(), (sorted(dist_rec.grads), sorted(sp.grads))
         _close(f"step {step} loss", torch.tensor(dist_rec.loss), torch.tensor(sp.loss))

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import workers
-from tests.distributed.test_ddp_fsdp import SITES, _free_port
+from tests.distributed.test_ddp_fsdp import SITES, _free_port, check_ranks
 from tests.distributed.workers import Job
 from tests.models import training
-from tests.models.conformance import assert_all_rewritten, assert_triton_kernel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,17 +89,5 @@ def test_gpu_ranks_match_single_process(name, world, tmp_path):
     job, report_sites = JOBS[name]
     ranks = _spawn(job, world, tmp_path)
     refs = _references(world)
-    for r in ranks:
-        assert_all_rewritten(r["report"], report_sites)
-        assert_triton_kernel(r["report"])
-        c = r["counts"]
-        assert c.get("ref_fwd", 0) == c.get("ref_bwd", 0) == c.get("bwd_kernel_failures", 0) == 0, (r["rank"], c)
-        assert c.get("flash_fwd", 0) + c.get("flash_fwd_sm90", 0) == workers.STEPS * SITES, (r["rank"], c)
-        assert c.get("flash_bwd", 0) == workers.STEPS * SITES, (r["rank"], c)
-    for step in range(workers.STEPS):
-        g0 = ranks[0]["grads"][step]
-        for r in ranks[1:]:
-            for n, g in g0.items():
-                assert torch.equal(r["grads"][step][n], g), f"step {step} {n}: ranks 0 and {r['rank']} differ"
-        got = training.StepRecord(sum(r["losses"][step] for r in ranks) / len(ranks), g0)
+    for step, got in enumerate(check_ranks(ranks, report_sites)):
         training.compare_step(step, got, refs["eager"][step], refs["float64"][step], torch.bfloat16)

@@ -11,9 +11,8 @@ gathered back with ``full_tensor()``), plus the flashfuse report and the kernel 
 
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
