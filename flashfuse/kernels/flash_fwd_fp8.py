@@ -76,7 +76,10 @@ from triton.runtime.errors import OutOfResources
 
 from flashfuse import fp8 as _fp8
 from flashfuse.kernels.flash_fwd import _key_blocks
-from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator
+
+# _sk_bucket (autotune cache buckets) and _smaller (the shrink after a shared-memory overflow: it only reads
+# num_stages / block_n / block_m) are the Hopper kernel's, for its config and for Fp8Config alike
+from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _sk_bucket, _smaller
 
 __all__ = [
     "TUNED_CONFIGS",
@@ -401,22 +404,6 @@ def candidate_configs(head_dim: int, *, ws: bool = False) -> list[Fp8Config]:
     if ws:
         out += [replace(c, ws=True) for c in out[:2]]
     return out
-
-
-def _sk_bucket(sk: int) -> int:
-    return min(max(triton.next_power_of_2(max(sk, 1)), 256), 16384)
-
-
-def _smaller(cfg: Fp8Config) -> Fp8Config | None:
-    if cfg.num_stages > 2:
-        return replace(cfg, num_stages=cfg.num_stages - 1)
-    if cfg.block_n > 32:
-        return replace(cfg, block_n=cfg.block_n // 2)
-    if cfg.block_m > 64:
-        return replace(cfg, block_m=cfg.block_m // 2)
-    if cfg.num_stages > 1:
-        return replace(cfg, num_stages=1)
-    return None
 
 
 def _plainer(cfg: Fp8Config) -> Fp8Config | None:
