@@ -56,6 +56,11 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+try:  # triton >= 3.4 (the GPU image's 3.6 and CI's 3.9 both have it)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the host-descriptor knob falls back to on-device ones
+    TensorDescriptor = None
+
 from flashfuse.kernels._common import tanh as _tanh
 from flashfuse.kernels.flash_fwd import _key_blocks  # the same three-phase key-block split as flash_fwd
 
@@ -116,13 +121,38 @@ def _downcast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(desc, base, stride_row, start, rows, off_b, off_h, S,
+               BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EDGE: tl.constexpr,
+               USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr):  # fmt: skip
+    """Rows ``[start, start + BLOCK)`` of one head, ``[BLOCK, HEAD_DIM]``; rows past ``S`` read as zeros.
+
+    Three ways in: a host descriptor over the whole 4-D tensor (indexed by batch, head, row; its bounds
+    zero-fill), an on-device descriptor over this head's ``[S, D]`` (built in ``_attn_tile``), or plain pointer
+    loads (masked on EDGE blocks only: a full block never crosses ``S``).
+    """
+    if USE_TMA:
+        if HOST_DESC:
+            t = desc.load([off_b, off_h, start, 0]).reshape(BLOCK, HEAD_DIM)
+        else:
+            t = desc.load([start, 0])
+    else:
+        offs = rows[:, None] * stride_row + tl.arange(0, HEAD_DIM)[None, :]
+        ptrs = base + tl.cast(start, tl.int64) * stride_row + offs
+        if EDGE:
+            t = tl.load(ptrs, mask=(start + rows)[:, None] < S, other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
 def _attn_blocks(
     acc, l_i, m_i, q,
-    desc_k, desc_v, K_head, V_head, stride_kn, stride_vn,
-    start, end, offs_m, offs_n, offs_d,
+    desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+    start, end, offs_m, offs_n,
     Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-    BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks ``[start, end)`` (``start`` a multiple of BLOCK_N).
 
@@ -133,15 +163,9 @@ def _attn_blocks(
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        # -- K block [BLOCK_N, D]: TMA reads zeros past Sk; plain loads mask only on EDGE blocks --
-        if USE_TMA:
-            k = desc_k.load([start_n, 0])
-        else:
-            k_ptrs = K_head + tl.cast(start_n, tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-            if EDGE:
-                k = tl.load(k_ptrs, mask=cols[:, None] < Sk, other=0.0)
-            else:
-                k = tl.load(k_ptrs)
+        # -- K block [BLOCK_N, D] --
+        k = _load_tile(desc_k, K_head, stride_kn, start_n, offs_n, off_b, off_hkv, Sk,
+                       BLOCK_N, HEAD_DIM, EDGE, USE_TMA, HOST_DESC)  # fmt: skip
         qk = _dot(q, k.T, INTERPRET_BF16)
 
         # -- scores in base 2, online softmax --
@@ -175,14 +199,8 @@ def _attn_blocks(
         acc = acc * alpha[:, None]
 
         # -- V block [BLOCK_N, D] --
-        if USE_TMA:
-            v = desc_v.load([start_n, 0])
-        else:
-            v_ptrs = V_head + tl.cast(start_n, tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-            if EDGE:
-                v = tl.load(v_ptrs, mask=cols[:, None] < Sk, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
+        v = _load_tile(desc_v, V_head, stride_vn, start_n, offs_n, off_b, off_hkv, Sk,
+                       BLOCK_N, HEAD_DIM, EDGE, USE_TMA, HOST_DESC)  # fmt: skip
         acc = _dot_acc(_downcast(p, v.dtype, INTERPRET_BF16), v, acc, INTERPRET_BF16)
         # l and m last: fewer registers live across the two dots (as the tutorial orders it)
         l_i = l_i * alpha + l_ij
@@ -191,15 +209,63 @@ def _attn_blocks(
 
 
 @triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16: tl.constexpr):
+    """One full (non-EDGE, no softcap) block's online-softmax step, given its scores and V tile."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_ij = tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot_acc(_downcast(p, v.dtype, INTERPRET_BF16), v, acc, INTERPRET_BF16)
+    l_i = l_i * alpha + l_ij
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_blocks_pipelined(
+    acc, l_i, m_i, q,
+    desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+    start, end, offs_n, Sk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """``_attn_blocks`` for full blocks without softcap, with Q·Kᵀ of block j+1 issued before block j's softmax.
+
+    NOTE: FlashAttention-3's intra-warpgroup overlap, written as a software pipeline: on Hopper ``tl.dot`` is
+    an asynchronous wgmma, so the tensor cores can work on the next block's scores while the warps compute
+    ``exp2`` on the current ones. Whether Triton keeps that dot in flight across the softmax is up to its
+    pipeliner: the ``pipe`` config flag exists so the sweep (``bench/tune_fwd.py``) can measure it. Costs one
+    more ``[BLOCK_M, BLOCK_N]`` float32 tile of registers. Same arithmetic, same order as ``_attn_blocks``.
+    """
+    if start < end:
+        k = _load_tile(desc_k, K_head, stride_kn, start, offs_n, off_b, off_hkv, Sk,
+                       BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
+        qk = _dot(q, k.T, INTERPRET_BF16)
+        for start_n in tl.range(start + BLOCK_N, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_tile(desc_k, K_head, stride_kn, start_n, offs_n, off_b, off_hkv, Sk,
+                           BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
+            qk_next = _dot(q, k.T, INTERPRET_BF16)
+            v = _load_tile(desc_v, V_head, stride_vn, start_n - BLOCK_N, offs_n, off_b, off_hkv, Sk,
+                           BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16)
+            qk = qk_next
+        v = _load_tile(desc_v, V_head, stride_vn, end - BLOCK_N, offs_n, off_b, off_hkv, Sk,
+                       BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_tile(
-    Q, K, V, Out, LSE, VMean,
+    Q, K, V, Out, LSE, VMean, DescQ, DescK, DescV, DescO,
     pid_m, off_h, off_b,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
     GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
+    PIPE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """One (query block, head, batch) tile: load Q once, walk its band of key blocks, write out and lse."""
     off_hkv = off_h // GROUPS  # GQA: query head h reads key/value head h // (Hq // Hkv)
@@ -218,19 +284,25 @@ def _attn_tile(
     O_head = Out + b64 * stride_ob + h64 * stride_oh
 
     if USE_TMA:
-        # on-device descriptors: the bounds [Sq | Sk, D] zero-fill ragged loads and clip ragged stores
-        desc_q = tl.make_tensor_descriptor(Q_head, [Sq, HEAD_DIM], [stride_qm, 1], [BLOCK_M, HEAD_DIM])
-        desc_k = tl.make_tensor_descriptor(K_head, [Sk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
-        desc_v = tl.make_tensor_descriptor(V_head, [Sk, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
-        desc_o = tl.make_tensor_descriptor(O_head, [Sq, HEAD_DIM], [stride_om, 1], [BLOCK_M, HEAD_DIM])
-        q = desc_q.load([start_m, 0])
+        if HOST_DESC:
+            # descriptors built on the host over the whole [B, H, S, D] tensors: nothing to build here
+            desc_q = DescQ
+            desc_k = DescK
+            desc_v = DescV
+            desc_o = DescO
+        else:
+            # on-device descriptors: the bounds [Sq | Sk, D] zero-fill ragged loads and clip ragged stores
+            desc_q = tl.make_tensor_descriptor(Q_head, [Sq, HEAD_DIM], [stride_qm, 1], [BLOCK_M, HEAD_DIM])
+            desc_k = tl.make_tensor_descriptor(K_head, [Sk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+            desc_v = tl.make_tensor_descriptor(V_head, [Sk, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+            desc_o = tl.make_tensor_descriptor(O_head, [Sq, HEAD_DIM], [stride_om, 1], [BLOCK_M, HEAD_DIM])
     else:
+        desc_q = None
         desc_k = None
         desc_v = None
         desc_o = None
-        q = tl.load(
-            Q_head + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :], mask=(offs_m < Sq)[:, None], other=0.0
-        )
+    q = _load_tile(desc_q, Q_head, stride_qm, start_m, tl.arange(0, BLOCK_M), off_b, off_h, Sq,
+                   BLOCK_M, HEAD_DIM, True, USE_TMA, HOST_DESC)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -239,20 +311,26 @@ def _attn_tile(
     lo, full_lo, full_hi, hi = _key_blocks(start_m, Sq, Sk, window_left, window_right, BLOCK_M, BLOCK_N)
     # fmt: off
     acc, l_i, m_i = _attn_blocks(
-        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn,
-        lo, full_lo, offs_m, offs_n, offs_d, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-        BLOCK_N, True, HAS_SOFTCAP, USE_TMA, False, INTERPRET_BF16,
+        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+        lo, full_lo, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, BLOCK_N, True, HAS_SOFTCAP, USE_TMA, HOST_DESC, False, INTERPRET_BF16,
     )
-    # the bulk of the work: warp specialization (when asked) goes on this loop only
+    # the bulk of the work: warp specialization or the software pipeline (when asked) go on this loop only
+    if PIPE and not HAS_SOFTCAP:
+        acc, l_i, m_i = _attn_blocks_pipelined(
+            acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+            full_lo, full_hi, offs_n, Sk, qk_scale, HEAD_DIM, BLOCK_N, USE_TMA, HOST_DESC, INTERPRET_BF16,
+        )
+    else:
+        acc, l_i, m_i = _attn_blocks(
+            acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+            full_lo, full_hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
+            HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET_BF16,
+        )
     acc, l_i, m_i = _attn_blocks(
-        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn,
-        full_lo, full_hi, offs_m, offs_n, offs_d, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-        BLOCK_N, False, HAS_SOFTCAP, USE_TMA, WARP_SPECIALIZE, INTERPRET_BF16,
-    )
-    acc, l_i, m_i = _attn_blocks(
-        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn,
-        full_hi, hi, offs_m, offs_n, offs_d, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-        BLOCK_N, True, HAS_SOFTCAP, USE_TMA, False, INTERPRET_BF16,
+        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+        full_hi, hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, BLOCK_N, True, HAS_SOFTCAP, USE_TMA, HOST_DESC, False, INTERPRET_BF16,
     )
     # fmt: on
 
@@ -267,7 +345,10 @@ def _attn_tile(
         lse = tl.where(empty, fill_lse, lse)
     out = _downcast(out, Out.dtype.element_ty, INTERPRET_BF16)
     if USE_TMA:
-        desc_o.store([start_m, 0], out)
+        if HOST_DESC:
+            desc_o.store([off_b, off_h, start_m, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+        else:
+            desc_o.store([start_m, 0], out)
     else:
         o_ptrs = O_head + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
         tl.store(o_ptrs, out, mask=(offs_m < Sq)[:, None])
@@ -283,9 +364,10 @@ def _attn_fwd_sm90(
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
     Hq, GROUPS, Sq, Sk, num_m_blocks, num_tiles, reverse_m,
     qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
+    DescQ, DescK, DescV, DescO,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
+    PIPE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     # Scalars may arrive as fp64 from Inductor-generated launchers; keep all score math in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -302,11 +384,12 @@ def _attn_fwd_sm90(
             pid_m = tl.where(reverse_m != 0, num_m_blocks - 1 - pid, pid)
             # fmt: off
             _attn_tile(
-                Q, K, V, Out, LSE, VMean, pid_m, bh % Hq, bh // Hq,
+                Q, K, V, Out, LSE, VMean, DescQ, DescK, DescV, DescO, pid_m, bh % Hq, bh // Hq,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
                 GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
-                HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, WARP_SPECIALIZE, INTERPRET_BF16,
+                HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, PIPE, WARP_SPECIALIZE,
+                INTERPRET_BF16,
             )
             # fmt: on
     else:
@@ -315,11 +398,12 @@ def _attn_fwd_sm90(
         pid_m = tl.where(reverse_m != 0, num_m_blocks - 1 - pid, pid)
         # fmt: off
         _attn_tile(
-            Q, K, V, Out, LSE, VMean, pid_m, tl.program_id(1), tl.program_id(2),
+            Q, K, V, Out, LSE, VMean, DescQ, DescK, DescV, DescO, pid_m, tl.program_id(1), tl.program_id(2),
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
             GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
-            HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, WARP_SPECIALIZE, INTERPRET_BF16,
+            HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, PIPE, WARP_SPECIALIZE,
+            INTERPRET_BF16,
         )
         # fmt: on
 
@@ -327,6 +411,11 @@ def _attn_fwd_sm90(
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
+
+
+# the boolean knobs in TUNED_CONFIGS' / the cache's tuple order, with their defaults and their parse() flags
+_FLAGS = (("ws", False, "ws"), ("persistent", False, "persistent"), ("tma", True, "notma"),
+          ("host", False, "host"), ("pipe", False, "pipe"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -338,36 +427,39 @@ class Sm90Config:
     ws: bool = False  # warp_specialize=True on the full-block loop
     persistent: bool = False  # one program per SM walking the tiles
     tma: bool = True  # tensor descriptors (False: plain pointer loads)
+    host: bool = False  # TMA through host-built 4-D descriptors (False: built on the device per program)
+    pipe: bool = False  # software-pipelined full-block loop (the next block's Q.K^T before this block's softmax)
 
     def __str__(self) -> str:
-        flags = "".join(
-            (" ws" if self.ws else "", " persistent" if self.persistent else "", "" if self.tma else " notma")
-        )
+        flags = "".join(f" {text}" for name, default, text in _FLAGS if getattr(self, name) != default)
         return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{flags}"
 
     def as_tuple(self) -> tuple:
-        """``(block_m, block_n, num_warps, num_stages, ws, persistent[, tma])``: ``TUNED_CONFIGS``' format."""
-        t = (self.block_m, self.block_n, self.num_warps, self.num_stages, self.ws, self.persistent)
-        return t if self.tma else (*t, False)
+        """``(block_m, block_n, num_warps, num_stages, ws, persistent[, tma[, host[, pipe]]])``: ``TUNED_CONFIGS``'
+        format (trailing knobs at their defaults are left out)."""
+        flags = [getattr(self, name) for name, _, _ in _FLAGS]
+        while len(flags) > 2 and flags[-1] == _FLAGS[len(flags) - 1][1]:
+            flags.pop()
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, *flags)
 
     @classmethod
     def from_tuple(cls, t) -> Sm90Config:
-        flags = [bool(x) for x in t[4:]] + [False, False, True][len(t[4:]) :]
-        return cls(*t[:4], ws=flags[0], persistent=flags[1], tma=flags[2])
+        flags = {name: bool(t[4 + i]) if 4 + i < len(t) else default for i, (name, default, _) in enumerate(_FLAGS)}
+        return cls(*t[:4], **flags)
 
     @classmethod
     def parse(cls, text: str) -> Sm90Config:
-        """``"128,128,8,2"`` plus any of ``ws``, ``persistent``, ``notma``, comma separated."""
+        """``"128,128,8,2"`` plus any of ``ws``, ``persistent``, ``notma``, ``host``, ``pipe``, comma separated."""
         parts = [p.strip().lower() for p in text.split(",") if p.strip()]
         try:
             bm, bn, w, s = (int(p) for p in parts[:4])
         except ValueError:
             raise ValueError(f"config {text!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,ws][,persistent]'")
         flags = set(parts[4:])
-        unknown = flags - {"ws", "persistent", "notma"}
+        unknown = flags - {text for _, _, text in _FLAGS}
         if unknown:
             raise ValueError(f"config {text!r}: unknown flags {sorted(unknown)}")
-        return cls(bm, bn, w, s, ws="ws" in flags, persistent="persistent" in flags, tma="notma" not in flags)
+        return cls(bm, bn, w, s, **{name: (text in flags) != default for name, default, text in _FLAGS})
 
 
 def _C(bm, bn, w, s, **kw) -> Sm90Config:
@@ -418,12 +510,15 @@ TUNED_CONFIGS: dict[tuple[int, bool, int], tuple] = {
 }
 
 
-def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool = True) -> list[Sm90Config]:
+def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool = True,
+                      knobs: bool = False) -> list[Sm90Config]:  # fmt: skip
     """The pruned list the autotuner and ``bench/tune_fwd.py`` try for one head dim.
 
     ``ws=None`` adds the warp-specialized variants only when ``FLASHFUSE_SM90_WS=1`` (they are experimental
     on Hopper in Triton 3.6: the sweep measures them, the default autotune does not risk their compile).
-    ``persistent`` adds one persistent variant of the first config.
+    ``persistent`` adds one persistent variant of the first config. ``knobs`` adds the ``host`` / ``pipe``
+    variants of the first three configs (the sweep measures them; the autotuner does not, until a sweep
+    shows they pay).
     """
     if ws is None:
         ws = os.environ.get("FLASHFUSE_SM90_WS", "0") == "1"
@@ -432,6 +527,10 @@ def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool
         out.append(replace(out[0], persistent=True))
     if ws:
         out += _CANDIDATES_WS.get(head_dim, [])
+    if knobs:
+        for base in _CANDIDATES[head_dim][:3]:
+            out += [replace(base, host=True), replace(base, pipe=True), replace(base, host=True, pipe=True)]
+        out.append(replace(_CANDIDATES[head_dim][0], host=True, persistent=True))
     return out
 
 
@@ -454,13 +553,11 @@ def _smaller(cfg: Sm90Config) -> Sm90Config | None:
 
 
 def _plainer(cfg: Sm90Config) -> Sm90Config | None:
-    """The next config after a compile failure: drop WS, then the persistent loop, then TMA."""
-    if cfg.ws:
-        return replace(cfg, ws=False)
-    if cfg.persistent:
-        return replace(cfg, persistent=False)
-    if cfg.tma:
-        return replace(cfg, tma=False)
+    """The next config after a compile failure: drop WS, the software pipeline, host descriptors, the persistent
+    loop, then TMA."""
+    for name in ("ws", "pipe", "host", "persistent", "tma"):
+        if getattr(cfg, name):
+            return replace(cfg, **{name: False})
     return None
 
 
@@ -602,11 +699,20 @@ class _Launch:
             grid = (num_m, self.Hq, self.B)
         args = list(self.args)
         args[_I_NUM_M], args[_I_NUM_TILES] = num_m, num_tiles
+        host = cfg.tma and cfg.host and _host_descriptors_ok(*args[:4])
+        if host:
+            q, k, v, out = args[:4]
+            args += [_host_desc(q, cfg.block_m), _host_desc(k, cfg.block_n), _host_desc(v, cfg.block_n),
+                     _host_desc(out, cfg.block_m)]  # fmt: skip
+        else:
+            args += [None] * 4
         kwargs = dict(
             self.meta,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             USE_TMA=cfg.tma,
+            HOST_DESC=host,
+            PIPE=cfg.pipe,
             WARP_SPECIALIZE=cfg.ws,
             PERSISTENT=cfg.persistent,
             num_warps=cfg.num_warps,
@@ -617,6 +723,28 @@ class _Launch:
                 _attn_fwd_sm90[grid](*args, **kwargs)
         else:
             _attn_fwd_sm90[grid](*args, **kwargs)
+
+
+def _host_descriptors_ok(*tensors: torch.Tensor) -> bool:
+    """Host descriptors span the whole 4-D tensor: a broadcast (stride-0) dim of size > 1 has no TMA encoding
+    (the on-device descriptors, one per head, never see it)."""
+    return TensorDescriptor is not None and all(
+        t.stride(d) != 0 or t.shape[d] == 1 for t in tensors for d in range(t.dim() - 1)
+    )
+
+
+def _host_desc(t: torch.Tensor, block_rows: int):
+    """A TMA descriptor over ``t`` ``[B, H, S, D]`` with ``[1, 1, block_rows, D]`` boxes (zero fill past S).
+
+    A size-1 dim is only ever indexed at 0, so its stride is free: it gets a valid one (a multiple of 16 bytes,
+    as TMA wants for every stride but the last) whatever the tensor's view says.
+    """
+    shape = list(t.shape)
+    strides = list(t.stride())
+    for d in range(t.dim() - 1):
+        if shape[d] == 1:
+            strides[d] = _TMA_ALIGN // t.element_size()
+    return TensorDescriptor(t, shape, strides, [1, 1, block_rows, shape[-1]])
 
 
 # positions of the per-config scalars in the argument tuple (see _build)
@@ -764,7 +892,7 @@ def _file_lock(path: str):
 def _merge_store(path: str, key: str, cfg: Sm90Config) -> None:
     """Read the file, add this entry, write it back through a temp file (the caller holds the file lock)."""
     data = _cache_load()
-    data[key] = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.ws, cfg.persistent, cfg.tma]
+    data[key] = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, *(getattr(cfg, n) for n, _, _ in _FLAGS)]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -776,8 +904,8 @@ def _autotune(launch: _Launch, q: torch.Tensor, causal: bool, sk: int, fit_key: 
     if key in _MEMO:
         return _MEMO[key]
     hit = _cache_load().get(key)
-    if isinstance(hit, list) and len(hit) == 7:
-        cfg = Sm90Config(*hit[:4], ws=bool(hit[4]), persistent=bool(hit[5]), tma=bool(hit[6]))
+    if isinstance(hit, list) and 6 <= len(hit) <= 4 + len(_FLAGS):  # entries of older versions have fewer knobs
+        cfg = Sm90Config.from_tuple(hit)
         _MEMO[key] = cfg
         return cfg
     from triton.testing import do_bench

@@ -107,9 +107,13 @@ def test_matches_reference(shape, band, device):
     _check(q, k, v, window_left=wl, window_right=wr)
 
 
-# the interpreter's config (32x16) with each code path: plain pointer loads, and the persistent loop with the
-# warp_specialize annotation (the interpreter ignores the annotation; the GPU tests compile it)
-VARIANTS = ["32,16,4,1", "32,16,4,1,notma", "32,16,4,1,persistent,ws", "16,32,4,1,persistent,notma"]
+# the interpreter's config (32x16) with each code path: plain pointer loads, the persistent loop with the
+# warp_specialize annotation (the interpreter ignores the annotation; the GPU tests compile it), host-built 4-D
+# descriptors, and the software-pipelined full-block loop
+VARIANTS = [
+    "32,16,4,1", "32,16,4,1,notma", "32,16,4,1,persistent,ws", "16,32,4,1,persistent,notma",
+    "32,16,4,1,host", "32,16,4,1,pipe", "16,32,4,1,host,pipe,persistent", "32,16,4,1,pipe,notma",
+]  # fmt: skip
 
 
 @pytest.mark.skipif(ON_SM90, reason="interpreter configs; the gpu tests sweep the real ones")
@@ -220,6 +224,11 @@ def test_config_parsing_and_env(monkeypatch, device):
     assert cfg == Sm90Config(128, 64, 8, 3, ws=True, persistent=True)
     assert Sm90Config.parse("64,64,4,2,notma").tma is False
     assert Sm90Config.from_tuple(cfg.as_tuple()) == cfg
+    knobs = Sm90Config.parse("64,64,4,2,pipe,host")
+    assert (knobs.pipe, knobs.host, knobs.tma, knobs.ws) == (True, True, True, False)
+    assert knobs.as_tuple() == (64, 64, 4, 2, False, False, True, True, True)
+    assert Sm90Config(64, 64, 4, 2).as_tuple() == (64, 64, 4, 2, False, False)  # TUNED_CONFIGS' short form
+    assert Sm90Config.from_tuple(knobs.as_tuple()) == knobs and str(knobs) == "64x64 w4 s2 host pipe"
     with pytest.raises(ValueError):
         Sm90Config.parse("128,64,8,3,fast")
     for d in (16, 32, 64, 128, 256):
@@ -231,8 +240,23 @@ def test_config_parsing_and_env(monkeypatch, device):
     _check(q, k, v, window_right=0)  # runs the forced config
 
 
+def test_host_descriptors_broadcast_and_unit_dims(device):
+    """Host descriptors span [B, H, S, D]: K/V broadcast over the batch (stride 0) cannot be encoded, so that call
+    uses the per-head device descriptors; a size-1 dim with an odd stride gets a valid one. Both stay exact."""
+    q, k, v = _qkv(3, 4, 2, 45, 70, 32, BF16, device)
+    kb, vb = k[:1].expand(3, -1, -1, -1), v[:1].expand(3, -1, -1, -1)
+    assert not sm90._host_descriptors_ok(q, kb, vb, q) and sm90._host_descriptors_ok(q, k, v, q)
+    _check(q, kb, vb, window_right=25, config="32,16,4,1,host")
+    wide = torch.randn(1, 45, 3, 4, 32, dtype=BF16, device=device)
+    q1 = wide[:, :, 1].transpose(1, 2)[:1]  # [1, 4, 45, 32], batch stride 3 * 4 * 32 (any: the batch is 1)
+    desc = sm90._host_desc(q1, 32)
+    assert list(desc.strides) == [8, 32, 3 * 4 * 32, 1] and list(desc.block_shape) == [1, 1, 32, 32]
+    _check(q1, k[:1], v[:1], config="32,16,4,1,host,pipe")
+
+
 def test_compile_failure_falls_back(monkeypatch, device):
-    """A config whose fancy build raises while compiling drops WS, then persistence, then TMA, with a
+    """A config whose fancy build raises while compiling drops WS, the pipeline, host descriptors, persistence,
+    then TMA, with a
     warning, and still computes the right result; the fallback is remembered."""
     real_run = sm90._Launch.run
     tried = []
@@ -246,17 +270,19 @@ def test_compile_failure_falls_back(monkeypatch, device):
     monkeypatch.setattr(sm90._Launch, "run", run)
     q, k, v = _qkv(1, 2, 1, 40, 40, 32, FP16, device)
     with pytest.warns(RuntimeWarning, match="failed to compile"):
-        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent")
-    assert [(c.ws, c.persistent, c.tma) for c in tried] == [
-        (True, True, True),
-        (False, True, True),
-        (False, False, True),
-        (False, False, False),
+        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host,pipe")
+    assert [(c.ws, c.pipe, c.host, c.persistent, c.tma) for c in tried] == [
+        (True, True, True, True, True),
+        (False, True, True, True, True),
+        (False, False, True, True, True),
+        (False, False, False, True, True),
+        (False, False, False, False, True),
+        (False, False, False, False, False),
     ]
     tried.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent")
+        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host,pipe")
     assert tried == [Sm90Config(32, 16, 4, 1, tma=False)]
 
 
@@ -266,7 +292,7 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     sm90._cache_store("key-a", cfg)
     sm90._cache_store("key-b", Sm90Config(64, 64, 4, 2))
     data = sm90._cache_load()
-    assert data["key-a"] == [128, 64, 4, 3, False, True, True] and "key-b" in data
+    assert data["key-a"] == [128, 64, 4, 3, False, True, True, False, False] and "key-b" in data
     assert sm90._sk_bucket(1) == 256 and sm90._sk_bucket(4097) == 8192 and sm90._sk_bucket(10**6) == 16384
 
 
@@ -281,7 +307,7 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_every_candidate_config(d, causal):
     q, k, v = _qkv(2, 4, 2, 1500, 1777, d, BF16, "cuda", "bshd")
-    for cfg in sm90.candidate_configs(d, ws=False):
+    for cfg in sm90.candidate_configs(d, ws=False, knobs=d == 128):  # host / pipe variants: D = 128 only (compile time)
         _check(q, k, v, window_right=(1777 - 1500) if causal else None, config=cfg)
 
 

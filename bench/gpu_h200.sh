@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A one-GPU device call in one command (<= ~560 s), steps in sequence so timings never share the GPU.
+#
+# PLAN=tune:   the forward sweep with the host-descriptor / pipelined variants (D=128, S=4k and 1k), the decode
+#              sweep (bench/decode.py --tune), then the sm90 and decode GPU tests.
+# PLAN=final:  GPU tests (sm90, ops, decode, fp8), then the forward table (kernel and op against every peer),
+#              decode bandwidth, the fwd+bwd table, models.py --quick.
+#
+# Usage on the device: PLAN=tune bash bench/gpu_h200.sh   ($OUT receives the logs; at most 8 files come back).
+# Knobs: FWD_ARGS, DECODE_ARGS, TABLE_ARGS.
+set -uo pipefail
+OUT="${OUT:-/tmp/flashfuse-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FLASHFUSE_SM90_AUTOTUNE=0
+SECONDS=0
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__,
+  torch.cuda.get_device_name(0))' | tee "$OUT/summary.txt"
+step() {  # step NAME TIMEOUT_S LOG CMD...: run, log its rc and the elapsed time
+  local name=$1 limit=$2 log=$3; shift 3
+  local left=$((575 - SECONDS))
+  ((limit > left)) && limit=$left
+  if ((limit < 20)); then echo "$name skipped (no time left) at ${SECONDS}s" >>"$OUT/summary.txt"; return; fi
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+  echo "$name rc=$? at ${SECONDS}s" >>"$OUT/summary.txt"
+}
+pytest_tail() { grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$1" | tail -12; }
+
+case "${PLAN:-tune}" in
+tune)
+  step tune_fwd 200 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --knobs --dims 128 --seqs 4096,1024 \
+    --budget-s 165 ${FWD_ARGS:-}
+  step decode_tune 190 "$OUT/decode_tune.txt" python3 bench/decode.py --tune --budget-s 150 ${DECODE_ARGS:-}
+  step gpu_tests 150 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu -x \
+    tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_decode.py -k "not warp_specialized"
+  ;;
+final)
+  step gpu_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_sm90.py tests/test_ops.py tests/kernels/test_flash_decode.py \
+    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py -k "not warp_specialized"
+  step fwd_table 130 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16 --dims 128 \
+    --seqs 16384,4096,1024 --cases full,causal,gqa_causal,window --budget-s 110 --csv "$OUT/fwd.csv" ${TABLE_ARGS:-}
+  step decode 60 "$OUT/bench.txt" python3 bench/decode.py --quick
+  step models 150 "$OUT/bench.txt" python3 bench/models.py --quick --budget-s 120
+  ;;
+esac
+{
+  echo "--- summary (${SECONDS}s)"
+  for f in "$OUT"/tune_fwd.txt; do [ -f "$f" ] && grep -E "^\s+\(|best:|^#" "$f" | tail -14; done
+  [ -f "$OUT/decode_tune.txt" ] && tail -14 "$OUT/decode_tune.txt"
+  [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
+} >>"$OUT/summary.txt"
+cat "$OUT/summary.txt"
