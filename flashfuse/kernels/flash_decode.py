@@ -52,6 +52,12 @@ try:  # triton >= 3.4: the launch hooks live here (the fast launch needs them; w
 except ImportError:  # pragma: no cover
     _knobs = None
 
+try:  # triton >= 3.3: griddepcontrol (programmatic dependent launch, DecodeConfig.pdl)
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:  # pragma: no cover -- the kernels use them only under PDL, which then fails to compile
+    _gdc_launch_dependents = _gdc_wait = None
+
 from flashfuse.kernels._common import tanh as _tanh  # the shared accurate float32 tanh
 from flashfuse.kernels.flash_fwd import (
     _DTYPES,
@@ -68,7 +74,17 @@ from flashfuse.kernels.flash_fwd import (
     _validate_sinks,
 )
 
-__all__ = ["DecodeConfig", "DecodePlan", "choose_splits", "flash_decode_forward", "plan", "supports"]
+__all__ = [
+    "TUNED",
+    "DecodeConfig",
+    "DecodePlan",
+    "choose_splits",
+    "flash_decode_forward",
+    "parse_config",
+    "plan",
+    "supports",
+    "tuned_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +120,44 @@ def _decode_inner(
     qk_scale, softcap_in, softcap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EDGE: tl.constexpr, VSUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    K_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """Visit key blocks ``[start, end)``: flash_fwd's ``_attn_fwd_inner`` with per-row query indices.
 
     ``offs_i`` is each packed row's query index (rows of several heads share indices); ``Mask_rows`` holds
     one pointer per row (its head's and query's mask row). ``EDGE`` blocks get the band and bounds test.
+    ``K_ROWS`` loads the K tile as it lies in memory, ``[BLOCK_N, BLOCK_D]`` (rows of D contiguous elements),
+    and transposes it for the dot with ``tl.trans``; otherwise it is loaded as ``[BLOCK_D, BLOCK_N]`` through
+    its strides (see `DecodeConfig.k_rows`).
     """
-    k_mask = offs_d[:, None] < HEAD_DIM
+    if K_ROWS:
+        k_mask = offs_d[None, :] < HEAD_DIM
+    else:
+        k_mask = offs_d[:, None] < HEAD_DIM
     v_mask = offs_dv[None, :] < HEAD_DIM_V
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         n64 = tl.cast(start_n, tl.int64)
-        k_ptrs = K_head + n64 * stride_kn + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
+        if K_ROWS:
+            k_ptrs = K_head + n64 * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+        else:
+            k_ptrs = K_head + n64 * stride_kn + (offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
         v_ptrs = V_head + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
         if EDGE:
             col_ok = cols < Sk
-            k = tl.load(k_ptrs, mask=k_mask & col_ok[None, :], other=0.0)
+            if K_ROWS:
+                k = tl.load(k_ptrs, mask=col_ok[:, None] & k_mask, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=k_mask & col_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=col_ok[:, None] & v_mask, other=0.0)
         else:
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
             v = tl.load(v_ptrs, mask=v_mask, other=0.0)
 
-        qk = _mma(q, k, DOT_PRECISION, INTERPRET_BF16)
+        if K_ROWS:
+            qk = _mma(q, tl.trans(k), DOT_PRECISION, INTERPRET_BF16)
+        else:
+            qk = _mma(q, k, DOT_PRECISION, INTERPRET_BF16)
         if HAS_SOFTCAP:
             s = _tanh(qk * softcap_in) * softcap_out
         else:
@@ -168,10 +199,46 @@ def _decode_inner(
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    """Tiles and launch options of the split kernel; ``k_rows`` and ``pdl`` are knobs for the tuner (default off).
+
+    ``k_rows``: load the K tile as ``[BLOCK_N, D]`` (the layout in memory) and transpose it in registers for the
+    dot, as Triton's fused-attention tutorial does, instead of loading ``[D, BLOCK_N]`` through the strides.
+    Same bytes; what may change is the load's vector width and how the tile reaches the MMA operand layout.
+    ``pdl``: programmatic dependent launch (Hopper+): the split kernel lets the merge be scheduled as soon as
+    every split program has started, and the merge waits on ``griddepcontrol.wait`` before reading the partial
+    state; saves part of the second launch's latency (~1-3 us a step, all of which counts at B = 1, 4k keys).
+    Both are measured by ``bench/decode.py --tune`` before a table entry turns them on.
+    """
+
     block_m: int  # the most packed (head, query) rows per program; fewer when the group is smaller
     block_n: int
     num_warps: int
     num_stages: int
+    k_rows: bool = False
+    pdl: bool = False
+
+    def spec(self) -> str:
+        """The config as ``FLASHFUSE_DECODE_CONFIG`` spells it: ``bm,bn,w,s`` then ``k_rows``/``pdl`` if set."""
+        flags = [name for name in ("k_rows", "pdl") if getattr(self, name)]
+        return ",".join([str(self.block_m), str(self.block_n), str(self.num_warps), str(self.num_stages), *flags])
+
+
+def parse_config(spec: str) -> DecodeConfig:
+    """``"bm,bn,w,s[,k_rows][,pdl]"`` -> DecodeConfig (``FLASHFUSE_DECODE_CONFIG``, ``bench/decode.py --config``)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    flags = parts[4:]
+    try:
+        bm, bn, w, st = (int(x) for x in parts[:4])
+    except ValueError:
+        bm = None
+    if bm is None or len(parts) < 4 or any(f not in ("k_rows", "pdl") for f in flags):
+        raise ValueError(f"decode config {spec!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,k_rows][,pdl]'")
+    for name, x in (("BLOCK_M", bm), ("BLOCK_N", bn)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"decode config {spec!r}: {name} must be a power of two >= 16")
+    if w < 1 or w & (w - 1) or st < 1:
+        raise ValueError(f"decode config {spec!r}: num_warps a power of two, num_stages >= 1")
+    return DecodeConfig(bm, bn, w, st, k_rows="k_rows" in flags, pdl="pdl" in flags)
 
 
 def _interpreting() -> bool:
@@ -179,7 +246,9 @@ def _interpreting() -> bool:
 
 
 def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """One config per (padded head dim, dtype). A guess for a memory-bound loop, to be tuned on the GPU.
+    """One config per (padded head dim, dtype): the fallback for keys `TUNED` has no entry for (see `_select`).
+
+    A guess for a memory-bound loop, to be tuned on the GPU (``bench/decode.py --tune``).
 
     Decode is a stream of K/V bytes: the tile only needs to keep enough loads in flight (num_stages x
     (K + V tile) = 3 x 32 KB at BLOCK_N = 64, D = 128, bf16) while the tiny M = 16 dot hides under them.
@@ -208,7 +277,7 @@ def _smaller(cfg: DecodeConfig) -> DecodeConfig | None:
     return None
 
 
-# (D, Dv, dtype, mask dtype, device) -> the config that compiled
+# (D, Dv, dtype, mask dtype, device, the config asked for) -> the smaller config that compiled in its place
 _FITTED: dict[tuple, DecodeConfig] = {}
 
 
@@ -239,6 +308,64 @@ def choose_splits(programs: int, kv_len: int, sm_count: int, *, min_chunk: int =
         return 1
     want = triton.cdiv(programs_per_sm * sm_count, programs)
     return max(1, min(want, kv_len // max(min_chunk, 1), max_splits))
+
+
+# ----------------------------------------------------------------------------------------------
+# the tuned table
+# ----------------------------------------------------------------------------------------------
+
+# NOTE: the tuned table. ``bench/decode.py --tune`` times configs x split counts per decode shape on a GPU (the
+# kernel alone with do_bench, and under a CUDA graph) and prints entries for this dict. Key: `tuned_key` --
+# (padded head dim, element size, packed-row bucket, B x Hkv bucket, band-length bucket), the buckets powers of
+# two rounded up; value: (the config, num_splits). An entry was measured at its bucket's upper end (Sk = 4096
+# for lengths 2049..4096); the split count is used as a request (`_plan` still cuts no empty split). Keys
+# with no entry fall back to `_pick_config` and `choose_splits`. Split counts are for the GPU the table was
+# tuned on (132 SMs: H100, H200); the SM count is not in the key. FLASHFUSE_DECODE_CONFIG overrides the
+# config (not the split count) of every key. Looked up once per call key (planning), never per call.
+TUNED: dict[tuple, tuple[DecodeConfig, int]] = {}
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def tuned_key(head_dim: int, itemsize: int, rows: int, programs: int, kv_len: int) -> tuple:
+    """The key of `TUNED` for ``head_dim = max(D, Dv)``, ``rows = Hq / Hkv * Sq`` (packed query rows),
+    ``programs = B * Hkv`` and ``kv_len`` keys the band reaches."""
+    return (
+        max(16, triton.next_power_of_2(head_dim)),
+        int(itemsize),
+        max(16, _bucket(rows)),  # BLOCK_M is at least 16: 1..16 rows run the same tile
+        _bucket(programs),
+        _bucket(kv_len),
+    )
+
+
+@functools.cache
+def _env_config(spec: str) -> DecodeConfig:
+    return parse_config(spec)
+
+
+def _select(D, Dv, dtype, mask_dtype, device, B, Hkv, groups, Sq, kv_len):
+    """``(config, tuned num_splits or None, source, fit key)`` for one call key; planning only, never per call.
+
+    Order: FLASHFUSE_DECODE_CONFIG (the config only), then `TUNED`, then `_pick_config`. The config asked for
+    is then replaced by the smaller one that fitted it before, if any (`_FITTED`).
+    """
+    env = os.environ.get("FLASHFUSE_DECODE_CONFIG")
+    tuned = TUNED.get(tuned_key(max(D, Dv), dtype.itemsize, groups * Sq, B * Hkv, kv_len))
+    splits = None
+    if env:
+        cfg, source = _env_config(env), "env"
+    elif tuned is not None:
+        (cfg, splits), source = tuned, "tuned"
+    else:
+        cfg, source = _pick_config(max(D, Dv), dtype, device), "heuristic"
+    fit_key = (D, Dv, dtype, mask_dtype, device, cfg)
+    fitted = _FITTED.get(fit_key)
+    if fitted is not None:
+        cfg, source = fitted, source + " (fitted)"
+    return cfg, splits, source, fit_key
 
 
 def supports(
@@ -298,13 +425,15 @@ class DecodePlan:
     chunk: int  # keys per split, a multiple of BLOCK_N
     kv_lo: int  # first key any row can reach, aligned down to BLOCK_N
     kv_hi: int  # one past the last such key
+    source: str = "heuristic"  # where the config came from: "heuristic", "tuned" (TUNED), "env"; "given"
 
     def describe(self) -> str:
         c = self.config
+        flags = "".join(f" {name}" for name in ("k_rows", "pdl") if getattr(c, name))
         return (
             f"num_splits={self.num_splits} chunk={self.chunk} keys={self.kv_lo}..{self.kv_hi} "
             f"BLOCK_M={self.block_m}x{self.m_blocks} BLOCK_N={c.block_n} num_warps={c.num_warps} "
-            f"num_stages={c.num_stages}"
+            f"num_stages={c.num_stages}{flags} ({self.source})"
         )
 
 
@@ -315,7 +444,12 @@ def _clamp_band(Sq: int, Sk: int, window_left, window_right) -> tuple[int, int]:
     return wl, wr
 
 
-def _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device) -> DecodePlan:
+def _band_len(Sq: int, Sk: int, wl: int, wr: int) -> int:
+    """Keys some query row can reach (before `_plan` aligns the start to a block): the tuned table's length."""
+    return max(min(Sk, Sq + wr) - max(0, -wl), 0)
+
+
+def _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device, source="heuristic") -> DecodePlan:
     rows = groups * Sq
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
@@ -329,7 +463,20 @@ def _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device) -> DecodePlan
         num_splits = choose_splits(B * Hkv * m_blocks, kv_len, _sm_count(device))
     chunk = max(triton.cdiv(triton.cdiv(kv_len, num_splits), cfg.block_n), 1) * cfg.block_n
     splits = max(triton.cdiv(kv_len, chunk), 1)  # no empty split
-    return DecodePlan(cfg, block_m, m_blocks, splits, chunk, kv_lo, kv_lo + kv_len)
+    return DecodePlan(cfg, block_m, m_blocks, splits, chunk, kv_lo, kv_lo + kv_len, source)
+
+
+def _plan_call(cfg, D, Dv, dtype, mask_dtype, device, B, Hkv, groups, Sq, Sk, wl, wr, num_splits):
+    """``(plan, fit key)``: the config (given, or `_select`'s) and the cut; a requested num_splits wins."""
+    if cfg is None:
+        cfg, tuned_splits, source, fit_key = _select(
+            D, Dv, dtype, mask_dtype, device, B, Hkv, groups, Sq, _band_len(Sq, Sk, wl, wr)
+        )
+    else:
+        tuned_splits, source, fit_key = None, "given", (D, Dv, dtype, mask_dtype, device, cfg)
+    if num_splits is None:
+        num_splits = tuned_splits
+    return _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device, source), fit_key
 
 
 def plan(q, k, v, mask=None, *, window_left=None, window_right=None, num_splits=None) -> DecodePlan:
@@ -337,9 +484,9 @@ def plan(q, k, v, mask=None, *, window_left=None, window_right=None, num_splits=
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, Dv = v.shape
     mask_dtype = None if mask is None else (torch.uint8 if mask.dtype == torch.bool else mask.dtype)
-    cfg = _FITTED.get((D, Dv, q.dtype, mask_dtype, q.device)) or _pick_config(max(D, Dv), q.dtype, q.device)
     wl, wr = _clamp_band(Sq, Sk, window_left, window_right)
-    return _plan(cfg, B, Hkv, Hq // Hkv, Sq, Sk, wl, wr, num_splits, q.device)
+    pl, _ = _plan_call(None, D, Dv, q.dtype, mask_dtype, q.device, B, Hkv, Hq // Hkv, Sq, Sk, wl, wr, num_splits)
+    return pl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +505,11 @@ def _decode_split(
     qk_scale, softcap_in, softcap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, VSUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, VSUM: tl.constexpr, K_ROWS: tl.constexpr,
+    PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the merge (launched with launch_pdl) may be scheduled once every split program has started
+        _gdc_launch_dependents()
     # the partial state lives in one float32 workspace: acc at 0, m at m_off, l at l_off, the v sums at vs_off
     PartAcc = Part
     PartM = Part + m_off
@@ -420,21 +569,21 @@ def _decode_split(
         offs_i, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, DOT_PRECISION, INTERPRET_BF16,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, K_ROWS, DOT_PRECISION, INTERPRET_BF16,
     )
     acc, l_i, m_i, vsum = _decode_inner(
         acc, l_i, m_i, vsum, q, K_head, V_head, Mask_rows, full_lo, full_hi,
         offs_i, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, VSUM, DOT_PRECISION, INTERPRET_BF16,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, False, VSUM, K_ROWS, DOT_PRECISION, INTERPRET_BF16,
     )
     acc, l_i, m_i, vsum = _decode_inner(
         acc, l_i, m_i, vsum, q, K_head, V_head, Mask_rows, full_hi, c_hi,
         offs_i, offs_n, offs_d, offs_dv, row_ok,
         Sk, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
         qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, DOT_PRECISION, INTERPRET_BF16,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, True, VSUM, K_ROWS, DOT_PRECISION, INTERPRET_BF16,
     )
     # fmt: on
 
@@ -462,9 +611,15 @@ def _decode_merge(
     fill_thr, fill_lse, sink_unit, inv_sk,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
     NATURAL: tl.constexpr, FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr, VSUM: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
+    PDL: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
-    """One program per output row ``(b, h, i)``: merge the row's ``num_splits`` partial states."""
+    """One program per output row ``(b, h, i)``: merge the row's ``num_splits`` partial states.
+
+    ``PDL``: launched with programmatic dependent launch, so the split kernel may still run; wait until it
+    has finished and its stores are visible before reading anything it wrote.
+    """
+    if PDL:
+        _gdc_wait()
     row = tl.cast(tl.program_id(0), tl.int64)  # (b * Hq + h) * Sq + i; out and lse are contiguous
     PartAcc = Part
     PartM = Part + m_off
@@ -607,7 +762,7 @@ class _Handle:
 class _Launch:
     """Everything a call with one key needs except the tensors themselves."""
 
-    cfg_key: tuple
+    cfg_key: tuple  # `_FITTED`'s key: (D, Dv, dtype, mask dtype, device, the config asked for)
     plan: DecodePlan
     out_shape: tuple
     lse_shape: tuple
@@ -673,12 +828,11 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
     softcap = float(softcap)
     has_softcap = softcap > 0
     interpreted_bf16 = _interpreting() and q.dtype == torch.bfloat16
-    cfg_key = (D, Dv, q.dtype, mask_dtype, device)
-    if cfg is None:
-        cfg = _FITTED.get(cfg_key) or _pick_config(max(D, Dv), q.dtype, device)
-
-    pl = _plan(cfg, B, Hkv, groups, Sq, Sk, wl, wr, num_splits, device)
+    pl, cfg_key = _plan_call(cfg, D, Dv, q.dtype, mask_dtype, device, B, Hkv, groups, Sq, Sk, wl, wr, num_splits)
+    cfg = pl.config
     splits, chunk, kv_lo, kv_hi = pl.num_splits, pl.chunk, pl.kv_lo, pl.kv_hi
+    # programmatic dependent launch: CUDA only (the interpreter has no griddepcontrol)
+    pdl = cfg.pdl and device.type == "cuda" and not _interpreting()
     # keys inside the band for every row: j >= Sq - 1 - wl and j <= wr (and j < Sk)
     in_lo = triton.cdiv(max(Sq - 1 - wl, 0), cfg.block_n) * cfg.block_n
     in_hi = max(min(wr + 1, Sk), 0)
@@ -720,6 +874,8 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         "MASK_KIND": mask_kind,
         "HAS_SOFTCAP": has_softcap,
         "VSUM": vsum,
+        "K_ROWS": cfg.k_rows,
+        "PDL": pdl,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "INTERPRET_BF16": interpreted_bf16,
         "num_warps": cfg.num_warps,
@@ -733,9 +889,12 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         "FINITE_FILL": finite_fill,
         "HAS_SINKS": sinks is not None,
         "VSUM": vsum,
+        "PDL": pdl,
         "INTERPRET_BF16": interpreted_bf16,
         "num_warps": 1 if Dv <= 64 else 2,
     }
+    if pdl:
+        merge_meta["launch_pdl"] = True  # a launch option, not a parameter: the handle's packed metadata has it
     return _Launch(
         cfg_key=cfg_key,
         plan=pl,
@@ -953,15 +1112,15 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
             if smaller is None:
                 raise
             log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, smaller)
-            _FITTED[launch.cfg_key] = smaller
+            _FITTED[launch.cfg_key] = smaller  # for every key that asks for this config (tuned or not)
             op_checked = launch.op_checked
-            _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) replan with the smaller config
-            launch = _build(q, k, v, mask, sinks, *scalars, smaller)
+            _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) and config replan with the smaller one
+            given = None if launch.plan.source != "given" else smaller
+            launch = _build(q, k, v, mask, sinks, *scalars, given)
             launch.op_checked = op_checked
             if key is not None:
                 _LAUNCHES[key] = launch
             ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
-    _FITTED.setdefault(launch.cfg_key, launch.plan.config)
 
     if launch.vmean:
         vm = torch.mean(v, dim=-2, dtype=torch.float32)
