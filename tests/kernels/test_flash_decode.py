@@ -868,7 +868,7 @@ def test_bench_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "copy bandwidth" in out and "| decode GB/s |" in out
+    assert "copy bandwidth" in out and "| decode GB/s |" in out and "| graph us | graph % |" in out
     rows = [line for line in out.splitlines() if line.startswith("| bf16 ")]
     assert len(rows) == 2 and all("ok" in r for r in rows), out
 
