@@ -103,6 +103,8 @@ PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
 # float32 partial state per (row, split): the merge reads it in chunks of this many splits
 _MERGE_BLOCK_S = 16
+# DecodeConfig.merge_wide: all splits in one chunk, up to this many (then chunks of it)
+_MERGE_BLOCK_S_WIDE = 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +209,18 @@ class DecodeConfig:
     ``pdl``: programmatic dependent launch (Hopper+): the split kernel lets the merge be scheduled as soon as
     every split program has started, and the merge waits on ``griddepcontrol.wait`` before reading the partial
     state; saves part of the second launch's latency (~1-3 us a step, all of which counts at B = 1, 4k keys).
-    Both are measured by ``bench/decode.py --tune`` before a table entry turns them on.
+    ``merge_wide``: the merge reads all of a row's splits in one chunk (up to 128) instead of chunks of 16. Its
+    two passes are loops of dependent loads, one memory round trip (~1 us) per chunk: 64 splits are 4 + 4 round
+    trips one after the other, ~10% of a 63 us step at B = 1, 32k keys; wide, 1 + 1 (more warps hold the tile).
+    Identical below 17 splits. All three are measured by ``bench/decode.py --tune`` before a table entry turns
+    them on.
+
+    NOTE: what the sm_90 compile shows (Triton 3.9 with a stand-in driver, no GPU; test_knobs_compile_for_sm90):
+    K loaded ``[D, N]`` through its strides is already 16-byte ``cp.async`` (Triton finds D contiguous), 144 of
+    them per program at 64 x 128 tiles either way, so ``k_rows`` changes no load (only how the tile reaches the
+    MMA); shared memory is (num_stages - 1) x the K + V tile (70 KB at 64, 3 stages: three programs an SM); the
+    split kernel holds 100 registers a thread at 4 warps, 160 with VSUM (rule 6's running sum of V), no spills;
+    the wide merge 71-80 at 4-8 warps.
     """
 
     block_m: int  # the most packed (head, query) rows per program; fewer when the group is smaller
@@ -216,29 +229,34 @@ class DecodeConfig:
     num_stages: int
     k_rows: bool = False
     pdl: bool = False
+    merge_wide: bool = False
 
     def spec(self) -> str:
-        """The config as ``FLASHFUSE_DECODE_CONFIG`` spells it: ``bm,bn,w,s`` then ``k_rows``/``pdl`` if set."""
-        flags = [name for name in ("k_rows", "pdl") if getattr(self, name)]
+        """The config as ``FLASHFUSE_DECODE_CONFIG`` spells it: ``bm,bn,w,s`` then the knobs that are set."""
+        flags = [name for name in _KNOBS if getattr(self, name)]
         return ",".join([str(self.block_m), str(self.block_n), str(self.num_warps), str(self.num_stages), *flags])
 
 
+_KNOBS = ("k_rows", "pdl", "merge_wide")  # DecodeConfig's boolean fields, in spec order
+
+
 def parse_config(spec: str) -> DecodeConfig:
-    """``"bm,bn,w,s[,k_rows][,pdl]"`` -> DecodeConfig (``FLASHFUSE_DECODE_CONFIG``, ``bench/decode.py --config``)."""
+    """``"bm,bn,w,s[,k_rows][,pdl][,merge_wide]"`` -> DecodeConfig (``FLASHFUSE_DECODE_CONFIG``, ``--config``)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     flags = parts[4:]
     try:
         bm, bn, w, st = (int(x) for x in parts[:4])
     except ValueError:
         bm = None
-    if bm is None or len(parts) < 4 or any(f not in ("k_rows", "pdl") for f in flags):
-        raise ValueError(f"decode config {spec!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,k_rows][,pdl]'")
+    if bm is None or len(parts) < 4 or any(f not in _KNOBS for f in flags):
+        knobs = "".join(f"[,{name}]" for name in _KNOBS)
+        raise ValueError(f"decode config {spec!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages{knobs}'")
     for name, x in (("BLOCK_M", bm), ("BLOCK_N", bn)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"decode config {spec!r}: {name} must be a power of two >= 16")
     if w < 1 or w & (w - 1) or st < 1:
         raise ValueError(f"decode config {spec!r}: num_warps a power of two, num_stages >= 1")
-    return DecodeConfig(bm, bn, w, st, k_rows="k_rows" in flags, pdl="pdl" in flags)
+    return DecodeConfig(bm, bn, w, st, **{name: name in flags for name in _KNOBS})
 
 
 def _interpreting() -> bool:
@@ -429,7 +447,7 @@ class DecodePlan:
 
     def describe(self) -> str:
         c = self.config
-        flags = "".join(f" {name}" for name in ("k_rows", "pdl") if getattr(c, name))
+        flags = "".join(f" {name}" for name in _KNOBS if getattr(c, name))
         return (
             f"num_splits={self.num_splits} chunk={self.chunk} keys={self.kv_lo}..{self.kv_hi} "
             f"BLOCK_M={self.block_m}x{self.m_blocks} BLOCK_N={c.block_n} num_warps={c.num_warps} "
@@ -847,6 +865,12 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
     vs_off = l_off + n_rows * splits
     ws_numel = vs_off + (B * Hkv * splits * Dv if vsum else 0)
     block_dv = max(16, triton.next_power_of_2(Dv))
+    # the merge: chunks of 16 splits on 1-2 warps; merge_wide, one chunk of all splits (<= 128) on enough warps
+    # that the [BLOCK_S, BLOCK_DV] float32 tile is <= 64 registers a thread
+    merge_s, merge_warps = _MERGE_BLOCK_S, 1 if Dv <= 64 else 2
+    if cfg.merge_wide:
+        merge_s = min(max(_MERGE_BLOCK_S, triton.next_power_of_2(splits)), _MERGE_BLOCK_S_WIDE)
+        merge_warps = min(max(merge_warps, triton.next_power_of_2(merge_s * block_dv // 2048)), 8)
 
     # fmt: off
     split_tail = (
@@ -884,14 +908,14 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
     merge_meta = {
         "HEAD_DIM_V": Dv,
         "BLOCK_DV": block_dv,
-        "BLOCK_S": _MERGE_BLOCK_S,
+        "BLOCK_S": merge_s,
         "NATURAL": mask_kind == _MASK_ADD,
         "FINITE_FILL": finite_fill,
         "HAS_SINKS": sinks is not None,
         "VSUM": vsum,
         "PDL": pdl,
         "INTERPRET_BF16": interpreted_bf16,
-        "num_warps": 1 if Dv <= 64 else 2,
+        "num_warps": merge_warps,
     }
     if pdl:
         merge_meta["launch_pdl"] = True  # a launch option, not a parameter: the handle's packed metadata has it
