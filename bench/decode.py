@@ -34,11 +34,13 @@ a pruned list (`_tune_configs`) at a few split counts (`_tune_splits`: powers of
 current choice), with do_bench and with the CUDA graph; each point's output is checked against the prefill
 kernel first. Phase 1 (configs, the current ones first, until 75% of ``--budget-s``; a config that fails to
 compile or fit is skipped with one line) is config-major, so a short budget drops the least plausible configs,
-never a shape. Phase 2 adds the knobs (``pdl``, ``k_rows``, both: see `flash_decode.DecodeConfig`) to each
-shape's best point, then its second best, until the budget. The budget counts compiles (each config compiles
-for Sq = 1 and Sq = 4; ~1-2 s each on an H100 host). It prints the knobs' effect, the best point per shape by
-either timing, a ``TUNED`` dict to paste into ``flashfuse/kernels/flash_decode.py`` (best by graph time) and,
-last, a summary table: current vs best graph time and % of copy bandwidth per shape.
+never a shape; past 16 splits each point is also timed with ``merge_wide`` (the same split kernel, the merge
+in one chunk). Phase 2 adds the other knobs (``pdl``, ``k_rows``, both: see `flash_decode.DecodeConfig`) to
+each shape's best point, then its second best, then times each shape's best point with a finite ``mask_fill``
+(HF's finfo.min: VSUM, the split programs also add up V for rule 6), until the budget. The budget counts
+compiles (each config compiles for Sq = 1 and Sq = 4; ~1-3 s each). It prints the knobs' effect, the best
+point per shape by either timing, a ``TUNED`` dict to paste into ``flashfuse/kernels/flash_decode.py`` (best by
+graph time) and, last, a summary table: current vs best graph time and % of copy bandwidth per shape.
 
 ``--host`` breaks one op call down instead (``torch.ops.flashfuse.attention`` as Inductor's code calls it, under
 ``no_grad``, a Llama decode step: B = 1, Sk = 4096, an additive ``[B, 1, 1, Sk]`` mask as transformers' static
@@ -53,7 +55,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -152,6 +156,7 @@ def _graph_ms(fns, device: str, target_ms: float = 2.0, replays: int = 5) -> flo
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / n)
     del graph
+    torch.cuda.empty_cache()  # the graph's private pool: hundreds of graphs in a --tune run
     return sorted(times)[len(times) // 2]
 
 
@@ -204,9 +209,8 @@ def run_case(B, Sq, Sk, dtype, device, rep_ms, hq, hkv, d, splits=None, sweep=Fa
         fns = [lambda s=s: flash_decode_forward(*s, scale=scale, num_splits=splits, **band) for s in sets]
         try:
             row["graph_ms"] = _graph_ms(fns, device)
-        except RuntimeError as e:  # capture refused: report it, keep the row
-            row["graph_ms"] = float("nan")
-            print(f"  (B={B} Sq={Sq} Sk={Sk}: no CUDA-graph timing: {str(e).splitlines()[0]})")
+        except Exception as e:  # noqa: BLE001 -- capture refused: keep the row, say why under the table
+            row["graph_ms"], row["graph_note"] = float("nan"), _why(e)
         del sets, fns
     else:
         row["graph_ms"] = float("nan")
@@ -377,7 +381,9 @@ def _ms(t, which: int) -> float:
 
 def _cfg_src(cfg) -> str:
     """The config as Python source for the TUNED table."""
-    flags = "".join(f", {name}=True" for name in ("k_rows", "pdl") if getattr(cfg, name))
+    from flashfuse.kernels.flash_decode import _KNOBS
+
+    flags = "".join(f", {name}=True" for name in _KNOBS if getattr(cfg, name))
     return f"DecodeConfig({cfg.block_m}, {cfg.block_n}, {cfg.num_warps}, {cfg.num_stages}{flags})"
 
 
@@ -405,14 +411,15 @@ class _Case:
         self.programs = B * hkv * self.plan.m_blocks
         self.key = flash_decode.tuned_key(d, first[0].element_size(), hq // hkv * Sq, B * hkv, Sk)
         self.points = {}  # (config, effective splits) -> (do_bench ms, graph ms)
+        self.vsum = {}  # the same, with a finite mask_fill (rule 6: the split programs add up V): VSUM's cost
 
     def name(self) -> str:
         return f"B={self.B} Sq={self.Sq} Sk={self.Sk}"
 
-    def call(self, i: int, ns):
+    def call(self, i: int, ns, fill: float = float("-inf")):
         from flashfuse.kernels.flash_decode import flash_decode_forward
 
-        return flash_decode_forward(*self.sets[i], scale=self.scale, num_splits=ns, **self.band)[0]
+        return flash_decode_forward(*self.sets[i], scale=self.scale, num_splits=ns, mask_fill=fill, **self.band)[0]
 
     def best(self, which: int):
         """``(config, splits, (do_bench ms, graph ms))`` of the fastest point by ``_ms(t, which)``, or None."""
@@ -422,47 +429,51 @@ class _Case:
         return cfg, ns, t
 
 
-def _tune_point(case: _Case, cfg, ns: int, device: str, rep: int, failed: dict) -> str | None:
-    """Time ``cfg`` at ``ns`` splits on ``case`` (do_bench and CUDA graph); None, or why the point was not timed.
+def _tune_point(case: _Case, cfg, ns: int, device: str, rep: int, failed: dict, vsum: bool = False):
+    """Time ``cfg`` at ``ns`` splits on ``case`` (do_bench and CUDA graph) into ``case.points`` (``case.vsum``
+    with ``vsum``: a finite mask_fill). Returns ``(effective splits, None or why the point was not timed)``.
 
     The config goes through FLASHFUSE_DECODE_CONFIG, the path the library itself reads; a config that did not
     fit (the launcher fell back to a smaller one) or fails to compile is put in ``failed`` and not tried again.
+    Every point's output is checked against the prefill kernel's, before and after the timings.
     """
     from flashfuse.kernels import flash_decode
 
     os.environ[CONFIG_ENV] = cfg.spec()
     flash_decode._LAUNCHES.clear()
     eff = flash_decode.plan(*case.sets[0], num_splits=ns, **case.band).num_splits
-    if (cfg, eff) in case.points:
-        return None  # the same cut as a split count already timed
+    store = case.vsum if vsum else case.points
+    fill = torch.finfo(torch.float32).min if vsum else float("-inf")  # no row is empty: the same outputs
+    if (cfg, eff) in store:
+        return eff, None  # the same cut as a split count already timed
     try:
-        out = case.call(0, ns)
+        out = case.call(0, ns, fill)
     except Exception as e:  # noqa: BLE001 -- any compile or launch failure: one line, the next config
         failed[cfg] = _why(e)
-        return failed[cfg]
+        return eff, failed[cfg]
     if any(key[-1] == cfg for key in flash_decode._FITTED):
         failed[cfg] = f"does not fit (the launcher shrank it to {next(iter(flash_decode._FITTED.values())).spec()})"
         flash_decode._FITTED.clear()
-        return failed[cfg]
+        return eff, failed[cfg]
     err = (out.float() - case.ref).abs().max().item()
     if not err <= case.tol:
-        return f"x{eff}: wrong result (max error {err:.2e}); not timed"
+        return eff, f"x{eff}: wrong result (max error {err:.2e}); not timed"
     try:
-        bench_ms = _time_ms(lambda: case.call(0, ns), device, rep)
+        bench_ms = _time_ms(lambda: case.call(0, ns, fill), device, rep)
     except Exception as e:  # noqa: BLE001
         failed[cfg] = _why(e)
-        return failed[cfg]
+        return eff, failed[cfg]
     try:
-        graph_ms = _graph_ms([lambda i=i: case.call(i, ns) for i in range(len(case.sets))], device)
+        graph_ms = _graph_ms([lambda i=i: case.call(i, ns, fill) for i in range(len(case.sets))], device)
     except Exception as e:  # noqa: BLE001 -- capture refused: keep the do_bench time
         graph_ms = float("nan")
         print(f"    {case.name()} {cfg.spec()} x{eff}: no CUDA-graph timing ({_why(e)})")
     if device == "cuda":  # once more after the timings: a race (pdl) could show as a wrong result here
-        err = (case.call(0, ns).float() - case.ref).abs().max().item()
+        err = (case.call(0, ns, fill).float() - case.ref).abs().max().item()
         if not err <= case.tol:
-            return f"x{eff}: wrong result after timing (max error {err:.2e}); dropped"
-    case.points[(cfg, eff)] = (bench_ms, graph_ms)
-    return None
+            return eff, f"x{eff}: wrong result after timing (max error {err:.2e}); dropped"
+    store[(cfg, eff)] = (bench_ms, graph_ms)
+    return eff, None
 
 
 def _why(e: BaseException) -> str:
@@ -476,88 +487,129 @@ def _pct(ms: float, kv_bytes: int, copy_gbs: float) -> tuple[float, float]:
 
 
 def tune(device: str, budget_s: float, copy_gbs: float, start: float, hq: int, hkv: int, d: int) -> int:
-    """``--tune``: see the module docstring. Returns 0 when every case got at least one timed point."""
+    """``--tune``: see the module docstring. Returns 0 when every case got at least one timed point.
+
+    Whatever stops the sweep early -- the budget, an exception, Ctrl-C or SIGTERM (``timeout``) -- the report of
+    what was timed is still printed, summary table last.
+    """
+    from flashfuse.kernels import flash_decode
+
+    cases, bases = [], {}  # bases: (case index, config, splits) -> one cell per knob tried on that point
+    saved_env = os.environ.pop(CONFIG_ENV, None)
+    saved_term = None
+    if threading.current_thread() is threading.main_thread():
+        saved_term = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _tune_sweep(device, budget_s, start, hq, hkv, d, cases, bases)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 -- report what was timed
+        print(f"  stopped ({_why(e)}); reporting what was timed", flush=True)
+    finally:
+        os.environ.pop(CONFIG_ENV, None)
+        if saved_env is not None:
+            os.environ[CONFIG_ENV] = saved_env
+        if saved_term is not None:
+            signal.signal(signal.SIGTERM, saved_term)
+        flash_decode._LAUNCHES.clear()
+    knob_lines = [
+        f"  {cases[ci].name()} {cfg.spec()} x{ns}: {_fmt_times(cases[ci].points[(cfg, ns)])}; " + "; ".join(cells)
+        for (ci, cfg, ns), cells in sorted(bases.items(), key=lambda item: item[0][0])
+    ]
+    _tune_report(cases, knob_lines, copy_gbs, device, start)
+    return 0 if cases and all(case.points for case in cases) else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _tune_sweep(device, budget_s, start, hq, hkv, d, cases: list, bases: dict) -> None:
+    """Phases 1 and 2 of ``--tune``, into ``cases`` (their points) and ``bases`` (the knob cells)."""
     from flashfuse.kernels import flash_decode
 
     dtype = torch.bfloat16
     cases_spec = TUNE_CASES if device == "cuda" else ((1, 1, 300),)
     rep = 10 if device == "cuda" else 1
     sms = flash_decode._sm_count(torch.device(device))
-    saved_env = os.environ.pop(CONFIG_ENV, None)
     deadline = start + budget_s
     phase1_end = start + 0.75 * budget_s
     failed: dict = {}
-    try:
-        cases = [_Case(B, Sq, Sk, dtype, device, hq, hkv, d) for B, Sq, Sk in cases_spec]
-        configs = _tune_configs(device, [case.current[0] for case in cases])
-        print(f"tune: budget {budget_s:.0f} s; {len(cases)} cases; phase 1: up to {len(configs)} configs x split "
-              f"counts (the current config first), until {0.75 * budget_s:.0f} s; phase 2: k_rows / pdl on each "
-              f"case's 2 best points", flush=True)  # fmt: skip
-        for case in cases:
-            splits = _tune_splits(case.programs, sms, case.current[1], device)
-            print(f"  {case.name()}: current {case.current[0].spec()} x{case.current[1]} ({case.plan.source}); "
-                  f"splits {splits}; {len(case.sets)} K/V sets for the graph timing", flush=True)  # fmt: skip
-            case.splits = splits
-        # phase 1: config-major, so that the budget drops the least plausible configs, never a case
-        untimed = []
-        for cfg in configs:
-            if time.perf_counter() > phase1_end:
-                untimed.append(cfg.spec())
-                continue
-            t0, n = time.perf_counter(), 0
-            for case in cases:
-                for ns in case.splits:
-                    if cfg in failed or time.perf_counter() > phase1_end:
-                        break
-                    why = _tune_point(case, cfg, ns, device, rep, failed)
-                    if why is not None and cfg not in failed:
-                        print(f"    {case.name()} {cfg.spec()}: {why}", flush=True)
-                    n += why is None
-            if cfg in failed:
-                print(f"  skip {cfg.spec()}: {failed[cfg]}", flush=True)
-                continue
-            print(f"  phase 1 {cfg.spec()}: {n} points in {time.perf_counter() - t0:.1f} s "
-                  f"(at {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        if untimed:
-            print(f"  budget: phase 1 stopped before {', '.join(untimed)}", flush=True)
-        # phase 2: the knobs on each case's best point (by graph time), then on its second best, until the budget
-        knobs = [{"pdl": True}, {"k_rows": True}, {"k_rows": True, "pdl": True}]
-        if device != "cuda":
-            knobs = [{"k_rows": True}]  # pdl is CUDA-only (the launcher ignores it elsewhere)
-        bases = {}  # (case index, config, splits) -> one cell per knob
-        for rank in (0, 1):
-            for ci, case in enumerate(cases):
-                ranked = sorted(case.points.items(), key=lambda item: _ms(item[1], 1))
-                plain = [cfg_ns for cfg_ns, _ in ranked if not (cfg_ns[0].k_rows or cfg_ns[0].pdl)]
-                if len(plain) <= rank:
-                    continue
-                cfg, ns = plain[rank]
-                cells = bases.setdefault((ci, cfg, ns), [])
-                for knob in knobs:
-                    variant = replace(cfg, **knob)
-                    if time.perf_counter() > deadline:
-                        cells.append(f"{'+'.join(knob)}: (budget)")
-                        continue
-                    if variant not in failed:
-                        why = _tune_point(case, variant, ns, device, rep, failed)
-                        if why is not None and variant in failed:
-                            print(f"  skip {variant.spec()}: {why}", flush=True)
-                        elif why is not None:
-                            print(f"    {case.name()} {variant.spec()}: {why}", flush=True)
-                    t = case.points.get((variant, ns))
-                    cells.append(f"{'+'.join(knob)}: " + (_fmt_times(t) if t else "failed"))
-        knob_lines = [
-            f"  {cases[ci].name()} {cfg.spec()} x{ns}: {_fmt_times(cases[ci].points[(cfg, ns)])}; " + "; ".join(cells)
-            for (ci, cfg, ns), cells in sorted(bases.items(), key=lambda item: item[0][0])
-        ]
-    finally:
-        os.environ.pop(CONFIG_ENV, None)
-        if saved_env is not None:
-            os.environ[CONFIG_ENV] = saved_env
-        flash_decode._LAUNCHES.clear()
+    for B, Sq, Sk in cases_spec:
+        cases.append(_Case(B, Sq, Sk, dtype, device, hq, hkv, d))
+    configs = _tune_configs(device, [case.current[0] for case in cases])
+    print(f"tune: budget {budget_s:.0f} s; {len(cases)} cases; phase 1: up to {len(configs)} configs x split "
+          f"counts (the current config first; merge_wide too past 16 splits), until {0.75 * budget_s:.0f} s; "
+          "phase 2: pdl / k_rows on each case's best point, then its second best, then VSUM's cost",
+          flush=True)  # fmt: skip
+    for case in cases:
+        case.splits = _tune_splits(case.programs, sms, case.current[1], device)
+        print(f"  {case.name()}: current {case.current[0].spec()} x{case.current[1]} ({case.plan.source}); "
+              f"splits {case.splits}; {len(case.sets)} K/V sets for the graph timing", flush=True)  # fmt: skip
 
-    _tune_report(cases, knob_lines, copy_gbs, device, start)
-    return 0 if all(case.points for case in cases) else 1
+    # phase 1: config-major, so that the budget drops the least plausible configs, never a case
+    untimed = []
+    for cfg in configs:
+        if time.perf_counter() > phase1_end:
+            untimed.append(cfg.spec())
+            continue
+        t0, n = time.perf_counter(), 0
+        wide = replace(cfg, merge_wide=True)
+        for case in cases:
+            for ns in case.splits:
+                if cfg in failed or time.perf_counter() > phase1_end:
+                    break
+                eff, why = _tune_point(case, cfg, ns, device, rep, failed)
+                if why is not None and cfg not in failed:
+                    print(f"    {case.name()} {cfg.spec()}: {why}", flush=True)
+                n += why is None
+                # merge_wide changes the merge only past 16 splits: there, time it too (same split kernel)
+                if why is None and eff > flash_decode._MERGE_BLOCK_S and wide not in failed:
+                    _, why = _tune_point(case, wide, ns, device, rep, failed)
+                    if why is not None:
+                        print(f"    {case.name()} {wide.spec()}: {why}", flush=True)
+                    n += why is None
+        if cfg in failed:
+            print(f"  skip {cfg.spec()}: {failed[cfg]}", flush=True)
+            continue
+        print(f"  phase 1 {cfg.spec()}: {n} points in {time.perf_counter() - t0:.1f} s "
+              f"(at {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    if untimed:
+        print(f"  budget: phase 1 stopped before {', '.join(untimed)}", flush=True)
+
+    # phase 2: the knobs on each case's best point (by graph time), then on its second best, until the budget
+    knobs = [{"pdl": True}, {"k_rows": True}, {"k_rows": True, "pdl": True}]
+    if device != "cuda":
+        knobs = [{"k_rows": True}]  # pdl is CUDA-only (the launcher ignores it elsewhere)
+    for rank in (0, 1):
+        for ci, case in enumerate(cases):
+            ranked = sorted(case.points.items(), key=lambda item: _ms(item[1], 1))
+            plain = [cfg_ns for cfg_ns, _ in ranked if not (cfg_ns[0].k_rows or cfg_ns[0].pdl)]
+            if len(plain) <= rank:
+                continue
+            cfg, ns = plain[rank]
+            cells = bases.setdefault((ci, cfg, ns), [])
+            for knob in knobs:
+                variant = replace(cfg, **knob)
+                if time.perf_counter() > deadline:
+                    cells.append(f"{'+'.join(knob)}: (budget)")
+                    continue
+                if variant not in failed:
+                    _, why = _tune_point(case, variant, ns, device, rep, failed)
+                    if why is not None and variant in failed:
+                        print(f"  skip {variant.spec()}: {why}", flush=True)
+                    elif why is not None:
+                        print(f"    {case.name()} {variant.spec()}: {why}", flush=True)
+                t = case.points.get((variant, ns))
+                cells.append(f"{'+'.join(knob)}: " + (_fmt_times(t) if t else "failed"))
+    # VSUM's cost: each case's best point again with a finite mask_fill (HF's finfo.min), where the split
+    # programs also add up V for rule 6's mean
+    for ci, case in enumerate(cases):
+        best = case.best(1)
+        if best is None or time.perf_counter() > deadline:
+            continue
+        cfg, ns, _ = best
+        _, why = _tune_point(case, cfg, ns, device, rep, failed, vsum=True)
+        t = case.vsum.get((cfg, ns))
+        bases.setdefault((ci, cfg, ns), []).append("vsum: " + (_fmt_times(t) if t else f"failed ({why})"))
 
 
 def _fmt_times(t) -> str:
@@ -569,7 +621,7 @@ def _fmt_times(t) -> str:
 def _tune_report(cases, knob_lines, copy_gbs: float, device: str, start: float) -> None:
     """The tables, the TUNED entries and, last, the summary."""
     print()
-    print("knobs (do_bench / graph us): base point, then the same with k_rows, pdl, both")
+    print("knobs (do_bench / graph us): a base point, then the same with each knob; vsum: with a finite mask_fill")
     for line in knob_lines:
         print(line)
     titles = (
@@ -710,7 +762,8 @@ def main(argv=None) -> int:
                 )
     print()
     for r in rows:
-        print(f"  B={r['B']} Sq={r['Sq']} Sk={r['Sk']}: {r['plan'].describe()}")
+        note = f"; no CUDA-graph timing: {r['graph_note']}" if "graph_note" in r else ""
+        print(f"  B={r['B']} Sq={r['Sq']} Sk={r['Sk']}: {r['plan'].describe()}{note}")
     if args.sweep_splits:
         print()
         print("decode us by num_splits:")
