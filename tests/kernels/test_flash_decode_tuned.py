@@ -16,6 +16,7 @@ import pathlib
 
 import pytest
 import torch
+import triton
 from triton.runtime.errors import OutOfResources
 
 from flashfuse.kernels import flash_decode
@@ -65,6 +66,8 @@ def test_parse_config_and_spec():
     cfg = parse_config(" 16, 32 ,8,2,pdl,k_rows")
     assert cfg == DecodeConfig(16, 32, 8, 2, k_rows=True, pdl=True)
     assert parse_config(cfg.spec()) == cfg and cfg.spec() == "16,32,8,2,k_rows,pdl"
+    wide = DecodeConfig(64, 64, 4, 3, merge_wide=True)
+    assert wide.spec() == "64,64,4,3,merge_wide" and parse_config(wide.spec()) == wide
     for bad in ("64,64,4", "64,64,4,x", "64,48,4,3", "8,64,4,3", "64,64,3,3", "64,64,4,0", "64,64,4,3,fast"):
         with pytest.raises(ValueError, match="decode config"):
             parse_config(bad)
@@ -145,6 +148,7 @@ TUNED_CASES = [
     (2, 8, 2, 4, 203, 80, BF16, "bshd", DecodeConfig(16, 32, 2, 2, k_rows=True), 4),  # D padded: K_ROWS masks
     (1, 16, 2, 3, 157, 64, FP16, "bhsd", DecodeConfig(16, 16, 1, 1, k_rows=True, pdl=True), 5),  # 2 row blocks
     (1, 2, 1, 1, 129, 256, FP16, "bhsd", DecodeConfig(32, 64, 4, 1, k_rows=True), 2),  # chunks end mid-block
+    (1, 4, 2, 2, 300, 32, FP32, "bhsd", DecodeConfig(16, 16, 1, 1, merge_wide=True), 19),  # the merge: 1 chunk of 32
 ]
 
 
@@ -164,6 +168,8 @@ def test_tuned_entry_matches_reference(case, window, device):
     (launch,) = flash_decode._LAUNCHES.values()
     assert launch.plan.config == cfg and launch.split_meta["K_ROWS"] == cfg.k_rows
     assert launch.split_meta["PDL"] is False and "launch_pdl" not in launch.merge_meta  # CPU: pdl ignored
+    wide = cfg.merge_wide and launch.plan.num_splits > 16
+    assert launch.merge_meta["BLOCK_S"] == (triton.next_power_of_2(launch.plan.num_splits) if wide else 16)
     # and the same numbers as the heuristic plan, up to the order of the float32 sums
     flash_decode.TUNED.clear()
     flash_decode._LAUNCHES.clear()
@@ -252,6 +258,27 @@ def test_bench_tune_smoke(capsys, monkeypatch):
     assert pl.source == "tuned" and pl.config == cfg and pl.num_splits == splits
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run bench/decode.py --tune itself")
+def test_bench_tune_reports_when_stopped(capsys, monkeypatch):
+    # a sweep stopped part-way (here Ctrl-C at the third point; SIGTERM is turned into the same) still prints
+    # what it timed, summary table last, and leaves no config forced
+    bench = _bench()
+    real, calls = bench._tune_point, []
+
+    def point(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stop")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_tune_point", point)
+    assert bench.main(["--device", "cpu", "--tune"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert "stopped (KeyboardInterrupt: stop)" in out and lines[-1].startswith("| 1 | 1 | 300 |"), out
+    assert len(calls) == 3 and ENV not in flash_decode.os.environ
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run bench/decode.py itself")
 def test_bench_config_goes_through_the_env(capsys, monkeypatch):
     monkeypatch.setenv(ENV, "")  # restored after the test: --config sets it for the process
@@ -280,3 +307,78 @@ def test_pdl_launch_keeps_the_fast_launch(device, monkeypatch):
         handle = flash_decode._make_handle(jit, compiled, args, meta, 0)
         assert isinstance(handle, flash_decode._Handle), handle
         assert len(handle.consts) == len(jit.arg_names) - len(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the knobs compile for sm_90 (Triton's real compiler, no GPU: a stand-in driver, warmup only)
+# ----------------------------------------------------------------------------------------------
+
+_SM90_COMPILE = r"""
+import os, re, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class Sm90:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver._active = Sm90()
+from flashfuse.kernels import flash_decode as fd
+
+fd._validate = lambda *a, **kw: None  # CPU tensors stand in for CUDA ones: only shapes and strides matter here
+for spec, pdl, ns, fill in [("64,64,4,3", False, 16, -1e30), ("64,64,4,3,k_rows,merge_wide", True, 64, float("-inf"))]:
+    os.environ["FLASHFUSE_DECODE_CONFIG"] = spec
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)
+    captured = []
+    fd._run = lambda *a: captured.append(a)
+    fd._LAUNCHES.clear()
+    fd.flash_decode_forward(q, k, torch.randn_like(k), scale=0.088, window_right=4095, num_splits=ns, mask_fill=fill)
+    for kernel, launch, which, grid, args, meta, _ in captured:
+        meta = dict(meta, PDL=pdl)  # the launcher sets PDL on CUDA only
+        if pdl and which == fd._MERGE:
+            meta["launch_pdl"] = True
+        ck = kernel.warmup(*args, grid=grid, **meta)
+        ptx = ck.asm["ptx"]
+        counts = [len(re.findall(pattern, ptx)) for pattern in ("griddepcontrol", r"cp\.async")]
+        launch_pdl = getattr(ck.metadata, "launch_pdl", None)
+        print(spec, kernel.fn.__name__, meta.get("BLOCK_S"), meta["VSUM"], ck.metadata.shared, *counts, launch_pdl)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_knobs_compile_for_sm90(tmp_path):
+    # What the tuner turns on must compile for Hopper: K_ROWS, PDL (griddepcontrol in both kernels, launch_pdl in
+    # the merge's metadata), the wide merge (one chunk of 64 splits) and VSUM -- caught here, not in a GPU call
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("no ptxas for this Triton")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert len(rows) == 4, run.stdout
+    plain_split, plain_merge, knob_split, knob_merge = rows
+    assert plain_split[1] == "_decode_split" and plain_split[3] == "True"  # a finite fill: VSUM
+    assert int(plain_split[5]) == 0 and int(plain_split[6]) > 0  # no griddepcontrol; K/V through cp.async
+    assert int(plain_split[4]) <= 227 * 1024 and plain_merge[7] == "False"
+    assert knob_split[1] == "_decode_split" and int(knob_split[5]) >= 1 and int(knob_merge[5]) >= 1
+    assert knob_merge[2] == "64" and knob_merge[7] == "True"  # merge_wide: one chunk; launch_pdl on the merge
