@@ -28,11 +28,12 @@ pytest_tail() { grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$1" | tail -12
 
 case "${PLAN:-tune}" in
 tune)
-  step tune_fwd 200 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --knobs --dims 128 --seqs 4096,1024 \
+  step tune_fwd 190 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --knobs --dims 128 --seqs 4096,1024,16384 \
     --budget-s 165 ${FWD_ARGS:-}
-  step decode_tune 190 "$OUT/decode_tune.txt" python3 bench/decode.py --tune --budget-s 150 ${DECODE_ARGS:-}
-  step gpu_tests 150 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu -x \
-    tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_decode.py -k "not warp_specialized"
+  step decode_tune 265 "$OUT/decode_tune.txt" timeout -s TERM 255 python3 bench/decode.py --tune --budget-s 220 \
+    ${DECODE_ARGS:-}
+  step gpu_tests 110 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_decode_tuned.py -k "not warp_specialized"
   ;;
 final)
   step gpu_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
@@ -47,7 +48,7 @@ esac
 {
   echo "--- summary (${SECONDS}s)"
   for f in "$OUT"/tune_fwd.txt; do [ -f "$f" ] && grep -E "^\s+\(|best:|^#" "$f" | tail -14; done
-  [ -f "$OUT/decode_tune.txt" ] && tail -14 "$OUT/decode_tune.txt"
+  [ -f "$OUT/decode_tune.txt" ] && tail -40 "$OUT/decode_tune.txt"
   [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
