@@ -396,7 +396,7 @@ class _Case:
 
         self.B, self.Sq, self.Sk, self.device = B, Sq, Sk, device
         self.scale, self.band = 1.0 / math.sqrt(d), {"window_right": Sk - Sq}
-        make = lambda: (  # noqa: E731
+        make = lambda: (
             torch.randn(B, hq, Sq, d, dtype=dtype, device=device),
             torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),
             torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),

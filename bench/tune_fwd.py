@@ -3,7 +3,6 @@
     python bench/tune_fwd.py                      # D=128, 64, 256 x S=8k, 4k x full/causal; <= ~4 min
     python bench/tune_fwd.py --dims 128 --seqs 8192 --budget-s 90
     python bench/tune_fwd.py --only "128,128,8,2;128,64,4,3,persistent"
-    python bench/tune_fwd.py --knobs --dims 128 --seqs 4096,1024   # + host descriptors / software pipeline
 
 bf16, H=16, B = 32768 / S (32k tokens per case). Each config's output is checked against SDPA (max abs
 error) and timed as a raw kernel launch (``triton.testing.do_bench``, median). TFLOP/s = 4*B*H*S*S*D / t,
@@ -148,7 +147,6 @@ def main() -> int:
     ap.add_argument("--ws", choices=["auto", "off"], default="auto", help="auto: probe WS configs in a child first")
     ap.add_argument("--rep-ms", type=float, default=60.0, help="do_bench rep per config (ms)")
     ap.add_argument("--only", default="", help='configs to sweep instead of the list, ";"-separated')
-    ap.add_argument("--knobs", action="store_true", help="also sweep the host-descriptor / pipelined variants")
     ap.add_argument("--probe-ws", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -193,7 +191,7 @@ def main() -> int:
         launch = sm90._build(q, k, v, out, lse, D**-0.5, None, 0 if causal else None, 0.0, float("-inf"))
         fit_key = (D, q.dtype, q.device)
 
-        cfgs = only or sm90.candidate_configs(D, ws=False, knobs=a.knobs)
+        cfgs = only or sm90.candidate_configs(D, ws=False)
         if not only and sm90._CANDIDATES_WS.get(D):
             waited = probes.done[D].wait(timeout=max(0.0, min(60.0, a.budget_s - (time.time() - t0))))
             if waited:

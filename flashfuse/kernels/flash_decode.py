@@ -339,8 +339,32 @@ def choose_splits(programs: int, kv_len: int, sm_count: int, *, min_chunk: int =
 # for lengths 2049..4096); the split count is used as a request (`_plan` still cuts no empty split). Keys
 # with no entry fall back to `_pick_config` and `choose_splits`. Split counts are for the GPU the table was
 # tuned on (132 SMs: H100, H200); the SM count is not in the key. FLASHFUSE_DECODE_CONFIG overrides the
-# config (not the split count) of every key. Looked up once per call key (planning), never per call.
-TUNED: dict[tuple, tuple[DecodeConfig, int]] = {}
+# config (not the split count) of every key. Looked up once per call key (planning), never per call, and only
+# on Hopper (compute capability 9.x: the `pdl` knob needs sm90's griddepcontrol) or under the interpreter (tests).
+# Tuned on an NVIDIA H200 (torch 2.11, triton 3.6), 2026-11-30, `bench/decode.py --tune --budget-s 220`, by
+# CUDA-graph time (K/V sets rotated past the L2); Hq 32 / Hkv 8, D 128, bf16; "current" is the heuristic's time.
+TUNED: dict[tuple, tuple[DecodeConfig, int]] = {
+    # B=1 Sq=1 Sk=4096: 11.4 us, 35% of copy; current 12.0 us (B=1 Sq=4 shares the key: 12.0 us vs 12.8)
+    (128, 2, 16, 8, 4096): (DecodeConfig(64, 32, 4, 3, k_rows=True, pdl=True, merge_wide=True), 32),
+    # B=1 Sq=1 Sk=8192: 15.3 us, 52% of copy; current 18.7 us
+    (128, 2, 16, 8, 8192): (DecodeConfig(64, 32, 4, 3, pdl=True, merge_wide=True), 32),
+    # B=1 Sq=1 Sk=32768: 39.0 us, 81% of copy; current 51.4 us
+    (128, 2, 16, 8, 32768): (DecodeConfig(64, 64, 4, 4, pdl=True), 16),
+    # B=16 Sq=1 Sk=4096: 68.0 us, 93% of copy; current 74.3 us
+    (128, 2, 16, 128, 4096): (DecodeConfig(64, 64, 4, 3, k_rows=True, pdl=True), 2),
+    # B=16 Sq=1 Sk=8192: 127.6 us, 99% of copy; current 135.3 us
+    (128, 2, 16, 128, 8192): (DecodeConfig(64, 64, 4, 3, pdl=True), 2),
+    # B=16 Sq=1 Sk=32768: 482.6 us, 105% of copy (the copy figure is read + write of one 1 GiB copy); current 509.0 us
+    (128, 2, 16, 128, 32768): (DecodeConfig(64, 128, 4, 2, k_rows=True, pdl=True), 2),
+}
+
+
+@functools.cache
+def _tuned_device(device: torch.device) -> bool:
+    """`TUNED` applies on Hopper (where it was measured, and where `pdl` compiles) and under the interpreter."""
+    if device.type == "cuda" and not _interpreting():
+        return torch.cuda.get_device_capability(device)[0] == 9
+    return True
 
 
 def _bucket(n: int) -> int:
@@ -371,7 +395,8 @@ def _select(D, Dv, dtype, mask_dtype, device, B, Hkv, groups, Sq, kv_len):
     is then replaced by the smaller one that fitted it before, if any (`_FITTED`).
     """
     env = os.environ.get("FLASHFUSE_DECODE_CONFIG")
-    tuned = TUNED.get(tuned_key(max(D, Dv), dtype.itemsize, groups * Sq, B * Hkv, kv_len))
+    key = tuned_key(max(D, Dv), dtype.itemsize, groups * Sq, B * Hkv, kv_len)
+    tuned = TUNED.get(key) if _tuned_device(device) else None
     splits = None
     if env:
         cfg, source = _env_config(env), "env"

@@ -209,54 +209,6 @@ def _attn_blocks(
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16: tl.constexpr):
-    """One full (non-EDGE, no softcap) block's online-softmax step, given its scores and V tile."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_ij = tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = _dot_acc(_downcast(p, v.dtype, INTERPRET_BF16), v, acc, INTERPRET_BF16)
-    l_i = l_i * alpha + l_ij
-    return acc, l_i, m_ij
-
-
-@triton.jit
-def _attn_blocks_pipelined(
-    acc, l_i, m_i, q,
-    desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
-    start, end, offs_n, Sk, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
-):  # fmt: skip
-    """``_attn_blocks`` for full blocks without softcap, with Q·Kᵀ of block j+1 issued before block j's softmax.
-
-    NOTE: FlashAttention-3's intra-warpgroup overlap, written as a software pipeline: on Hopper ``tl.dot`` is
-    an asynchronous wgmma, so the tensor cores can work on the next block's scores while the warps compute
-    ``exp2`` on the current ones. Whether Triton keeps that dot in flight across the softmax is up to its
-    pipeliner: the ``pipe`` config flag exists so the sweep (``bench/tune_fwd.py``) can measure it. Costs one
-    more ``[BLOCK_M, BLOCK_N]`` float32 tile of registers. Same arithmetic, same order as ``_attn_blocks``.
-    """
-    if start < end:
-        k = _load_tile(desc_k, K_head, stride_kn, start, offs_n, off_b, off_hkv, Sk,
-                       BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
-        qk = _dot(q, k.T, INTERPRET_BF16)
-        for start_n in tl.range(start + BLOCK_N, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            k = _load_tile(desc_k, K_head, stride_kn, start_n, offs_n, off_b, off_hkv, Sk,
-                           BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
-            qk_next = _dot(q, k.T, INTERPRET_BF16)
-            v = _load_tile(desc_v, V_head, stride_vn, start_n - BLOCK_N, offs_n, off_b, off_hkv, Sk,
-                           BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16)
-            qk = qk_next
-        v = _load_tile(desc_v, V_head, stride_vn, end - BLOCK_N, offs_n, off_b, off_hkv, Sk,
-                       BLOCK_N, HEAD_DIM, False, USE_TMA, HOST_DESC)  # fmt: skip
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, INTERPRET_BF16)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _attn_tile(
     Q, K, V, Out, LSE, VMean, DescQ, DescK, DescV, DescO,
     pid_m, off_h, off_b,
@@ -265,7 +217,7 @@ def _attn_tile(
     GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
-    PIPE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """One (query block, head, batch) tile: load Q once, walk its band of key blocks, write out and lse."""
     off_hkv = off_h // GROUPS  # GQA: query head h reads key/value head h // (Hq // Hkv)
@@ -315,18 +267,12 @@ def _attn_tile(
         lo, full_lo, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
         HEAD_DIM, BLOCK_N, True, HAS_SOFTCAP, USE_TMA, HOST_DESC, False, INTERPRET_BF16,
     )
-    # the bulk of the work: warp specialization or the software pipeline (when asked) go on this loop only
-    if PIPE and not HAS_SOFTCAP:
-        acc, l_i, m_i = _attn_blocks_pipelined(
-            acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
-            full_lo, full_hi, offs_n, Sk, qk_scale, HEAD_DIM, BLOCK_N, USE_TMA, HOST_DESC, INTERPRET_BF16,
-        )
-    else:
-        acc, l_i, m_i = _attn_blocks(
-            acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
-            full_lo, full_hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-            HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET_BF16,
-        )
+    # the bulk of the work: warp specialization (when asked) goes on this loop only
+    acc, l_i, m_i = _attn_blocks(
+        acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
+        full_lo, full_hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
+        HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET_BF16,
+    )
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
         full_hi, hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
@@ -367,7 +313,7 @@ def _attn_fwd_sm90(
     DescQ, DescK, DescV, DescO,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
-    PIPE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     # Scalars may arrive as fp64 from Inductor-generated launchers; keep all score math in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -388,7 +334,7 @@ def _attn_fwd_sm90(
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
                 GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
-                HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, PIPE, WARP_SPECIALIZE,
+                HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, WARP_SPECIALIZE,
                 INTERPRET_BF16,
             )
             # fmt: on
@@ -402,7 +348,7 @@ def _attn_fwd_sm90(
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
             GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
-            HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, PIPE, WARP_SPECIALIZE,
+            HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, WARP_SPECIALIZE,
             INTERPRET_BF16,
         )
         # fmt: on
@@ -415,7 +361,7 @@ def _attn_fwd_sm90(
 
 # the boolean knobs in TUNED_CONFIGS' / the cache's tuple order, with their defaults and their parse() flags
 _FLAGS = (("ws", False, "ws"), ("persistent", False, "persistent"), ("tma", True, "notma"),
-          ("host", False, "host"), ("pipe", False, "pipe"))  # fmt: skip
+          ("host", False, "host"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -428,15 +374,14 @@ class Sm90Config:
     persistent: bool = False  # one program per SM walking the tiles
     tma: bool = True  # tensor descriptors (False: plain pointer loads)
     host: bool = False  # TMA through host-built 4-D descriptors (False: built on the device per program)
-    pipe: bool = False  # software-pipelined full-block loop (the next block's Q.K^T before this block's softmax)
 
     def __str__(self) -> str:
         flags = "".join(f" {text}" for name, default, text in _FLAGS if getattr(self, name) != default)
         return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{flags}"
 
     def as_tuple(self) -> tuple:
-        """``(block_m, block_n, num_warps, num_stages, ws, persistent[, tma[, host[, pipe]]])``: ``TUNED_CONFIGS``'
-        format (trailing knobs at their defaults are left out)."""
+        """``(block_m, block_n, num_warps, num_stages, ws, persistent[, tma[, host]])``: ``TUNED_CONFIGS``' format
+        (trailing knobs at their defaults are left out)."""
         flags = [getattr(self, name) for name, _, _ in _FLAGS]
         while len(flags) > 2 and flags[-1] == _FLAGS[len(flags) - 1][1]:
             flags.pop()
@@ -449,7 +394,7 @@ class Sm90Config:
 
     @classmethod
     def parse(cls, text: str) -> Sm90Config:
-        """``"128,128,8,2"`` plus any of ``ws``, ``persistent``, ``notma``, ``host``, ``pipe``, comma separated."""
+        """``"128,128,8,2"`` plus any of ``ws``, ``persistent``, ``notma``, ``host``, comma separated."""
         parts = [p.strip().lower() for p in text.split(",") if p.strip()]
         try:
             bm, bn, w, s = (int(p) for p in parts[:4])
@@ -487,22 +432,31 @@ _DEFAULT: dict[int, Sm90Config] = {
     16: _C(128, 64, 4, 3),
     32: _C(128, 64, 4, 3),
     64: _C(128, 64, 4, 3),
-    128: _C(128, 128, 8, 2),
+    128: _C(128, 128, 8, 3, host=True),  # the H200 sweep's winner at S = 1k, 4k, 16k (full)
     256: _C(128, 64, 8, 2),
 }
 
 # (head dim, right-bounded band (causal), key-length bucket) -> (block_m, block_n, num_warps, num_stages, ws,
 # persistent). Paste `python bench/tune_fwd.py`'s dict here; measured entries beat autotuning and the default.
-# measured by bench/tune_fwd.py on an H100 80GB HBM3 (torch 2.11, triton 3.6), 2026-11-25, bf16, H=16, B*S=32k
+# D = 64 / 256: measured by bench/tune_fwd.py on an H100 80GB HBM3 (torch 2.11, triton 3.6), 2026-11-25, bf16, H=16,
+# B*S=32k
 TUNED_CONFIGS: dict[tuple[int, bool, int], tuple] = {
     (64, False, 4096): (128, 64, 4, 4, False, False),  # 408 TFLOP/s, cudnn 492 (0.83x)
     (64, False, 8192): (128, 64, 4, 4, False, False),  # 424 TFLOP/s, cudnn 499 (0.85x)
     (64, True, 4096): (64, 64, 4, 3, False, False),  # 366 TFLOP/s, cudnn 443 (0.82x)
     (64, True, 8192): (128, 64, 4, 4, False, False),  # 393 TFLOP/s, cudnn 467 (0.84x)
-    (128, False, 4096): (128, 128, 8, 3, False, False),  # 478 TFLOP/s, cudnn 637 (0.75x)
-    (128, False, 8192): (64, 64, 4, 3, False, False),  # 500 TFLOP/s, cudnn 692 (0.72x)
-    (128, True, 4096): (64, 64, 4, 3, False, False),  # 426 TFLOP/s, cudnn 593 (0.72x)
-    (128, True, 8192): (128, 128, 8, 3, False, False),  # 470 TFLOP/s, cudnn 630 (0.75x)
+    # D = 128: bench/tune_fwd.py on an NVIDIA H200 (torch 2.11, triton 3.6), 2026-11-30; 2048 and 8192 were not
+    # measured there and take their neighbours' winner
+    (128, False, 1024): (128, 128, 8, 3, False, False, True, True),  # 419 TFLOP/s, cudnn 611 (0.69x)
+    (128, False, 2048): (128, 128, 8, 3, False, False, True, True),
+    (128, False, 4096): (128, 128, 8, 3, False, False, True, True),  # 502 TFLOP/s, cudnn 674 (0.75x)
+    (128, False, 8192): (128, 128, 8, 3, False, False, True, True),
+    (128, False, 16384): (128, 128, 8, 3, False, False, True, True),  # 510 TFLOP/s, cudnn 604 (0.84x)
+    (128, True, 1024): (128, 64, 8, 3, False, False, True, True),  # 294 TFLOP/s, cudnn 442 (0.66x)
+    (128, True, 2048): (128, 128, 8, 3, False, False, True, True),
+    (128, True, 4096): (128, 128, 8, 3, False, False, True, True),  # 437 TFLOP/s, cudnn 588 (0.74x)
+    (128, True, 8192): (128, 128, 8, 3, False, False, True, True),
+    (128, True, 16384): (128, 128, 8, 3, False, False),  # 493 TFLOP/s, cudnn 573 (0.86x)
     (256, False, 4096): (128, 64, 8, 2, True, False),  # 532 TFLOP/s, cudnn 660 (0.81x)
     (256, False, 8192): (128, 64, 8, 2, True, False),  # 551 TFLOP/s, cudnn 653 (0.84x)
     (256, True, 4096): (128, 64, 8, 2, True, False),  # 459 TFLOP/s, cudnn 664 (0.69x)
@@ -510,27 +464,23 @@ TUNED_CONFIGS: dict[tuple[int, bool, int], tuple] = {
 }
 
 
-def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool = True,
-                      knobs: bool = False) -> list[Sm90Config]:  # fmt: skip
+def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool = True) -> list[Sm90Config]:
     """The pruned list the autotuner and ``bench/tune_fwd.py`` try for one head dim.
 
     ``ws=None`` adds the warp-specialized variants only when ``FLASHFUSE_SM90_WS=1`` (they are experimental
     on Hopper in Triton 3.6: the sweep measures them, the default autotune does not risk their compile).
-    ``persistent`` adds one persistent variant of the first config. ``knobs`` adds the ``host`` / ``pipe``
-    variants of the first three configs (the sweep measures them; the autotuner does not, until a sweep
-    shows they pay).
+    ``persistent`` adds one persistent variant of the first config. The first three configs come twice: with
+    descriptors built on the device and with host-built ones (``host``; on the H200 at D = 128 they won every
+    case but one by 5-28%, most at short sequences).
     """
     if ws is None:
         ws = os.environ.get("FLASHFUSE_SM90_WS", "0") == "1"
     out = list(_CANDIDATES[head_dim])
     if persistent:
         out.append(replace(out[0], persistent=True))
+    out += [replace(base, host=True) for base in _CANDIDATES[head_dim][:3]]
     if ws:
         out += _CANDIDATES_WS.get(head_dim, [])
-    if knobs:
-        for base in _CANDIDATES[head_dim][:3]:
-            out += [replace(base, host=True), replace(base, pipe=True), replace(base, host=True, pipe=True)]
-        out.append(replace(_CANDIDATES[head_dim][0], host=True, persistent=True))
     return out
 
 
@@ -553,9 +503,8 @@ def _smaller(cfg: Sm90Config) -> Sm90Config | None:
 
 
 def _plainer(cfg: Sm90Config) -> Sm90Config | None:
-    """The next config after a compile failure: drop WS, the software pipeline, host descriptors, the persistent
-    loop, then TMA."""
-    for name in ("ws", "pipe", "host", "persistent", "tma"):
+    """The next config after a compile failure: drop WS, host descriptors, the persistent loop, then TMA."""
+    for name in ("ws", "host", "persistent", "tma"):
         if getattr(cfg, name):
             return replace(cfg, **{name: False})
     return None
@@ -712,8 +661,7 @@ class _Launch:
             BLOCK_N=cfg.block_n,
             USE_TMA=cfg.tma,
             HOST_DESC=host,
-            PIPE=cfg.pipe,
-            WARP_SPECIALIZE=cfg.ws,
+                WARP_SPECIALIZE=cfg.ws,
             PERSISTENT=cfg.persistent,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,

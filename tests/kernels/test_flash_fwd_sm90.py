@@ -109,10 +109,10 @@ def test_matches_reference(shape, band, device):
 
 # the interpreter's config (32x16) with each code path: plain pointer loads, the persistent loop with the
 # warp_specialize annotation (the interpreter ignores the annotation; the GPU tests compile it), host-built 4-D
-# descriptors, and the software-pipelined full-block loop
+# descriptors
 VARIANTS = [
     "32,16,4,1", "32,16,4,1,notma", "32,16,4,1,persistent,ws", "16,32,4,1,persistent,notma",
-    "32,16,4,1,host", "32,16,4,1,pipe", "16,32,4,1,host,pipe,persistent", "32,16,4,1,pipe,notma",
+    "32,16,4,1,host", "16,32,4,1,host,persistent",
 ]  # fmt: skip
 
 
@@ -224,11 +224,11 @@ def test_config_parsing_and_env(monkeypatch, device):
     assert cfg == Sm90Config(128, 64, 8, 3, ws=True, persistent=True)
     assert Sm90Config.parse("64,64,4,2,notma").tma is False
     assert Sm90Config.from_tuple(cfg.as_tuple()) == cfg
-    knobs = Sm90Config.parse("64,64,4,2,pipe,host")
-    assert (knobs.pipe, knobs.host, knobs.tma, knobs.ws) == (True, True, True, False)
-    assert knobs.as_tuple() == (64, 64, 4, 2, False, False, True, True, True)
+    knobs = Sm90Config.parse("64,64,4,2,host")
+    assert (knobs.host, knobs.tma, knobs.ws) == (True, True, False)
+    assert knobs.as_tuple() == (64, 64, 4, 2, False, False, True, True)
     assert Sm90Config(64, 64, 4, 2).as_tuple() == (64, 64, 4, 2, False, False)  # TUNED_CONFIGS' short form
-    assert Sm90Config.from_tuple(knobs.as_tuple()) == knobs and str(knobs) == "64x64 w4 s2 host pipe"
+    assert Sm90Config.from_tuple(knobs.as_tuple()) == knobs and str(knobs) == "64x64 w4 s2 host"
     with pytest.raises(ValueError):
         Sm90Config.parse("128,64,8,3,fast")
     for d in (16, 32, 64, 128, 256):
@@ -251,12 +251,11 @@ def test_host_descriptors_broadcast_and_unit_dims(device):
     q1 = wide[:, :, 1].transpose(1, 2)[:1]  # [1, 4, 45, 32], batch stride 3 * 4 * 32 (any: the batch is 1)
     desc = sm90._host_desc(q1, 32)
     assert list(desc.strides) == [8, 32, 3 * 4 * 32, 1] and list(desc.block_shape) == [1, 1, 32, 32]
-    _check(q1, k[:1], v[:1], config="32,16,4,1,host,pipe")
+    _check(q1, k[:1], v[:1], config="32,16,4,1,host")
 
 
 def test_compile_failure_falls_back(monkeypatch, device):
-    """A config whose fancy build raises while compiling drops WS, the pipeline, host descriptors, persistence,
-    then TMA, with a
+    """A config whose fancy build raises while compiling drops WS, host descriptors, persistence, then TMA, with a
     warning, and still computes the right result; the fallback is remembered."""
     real_run = sm90._Launch.run
     tried = []
@@ -270,19 +269,18 @@ def test_compile_failure_falls_back(monkeypatch, device):
     monkeypatch.setattr(sm90._Launch, "run", run)
     q, k, v = _qkv(1, 2, 1, 40, 40, 32, FP16, device)
     with pytest.warns(RuntimeWarning, match="failed to compile"):
-        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host,pipe")
-    assert [(c.ws, c.pipe, c.host, c.persistent, c.tma) for c in tried] == [
-        (True, True, True, True, True),
-        (False, True, True, True, True),
-        (False, False, True, True, True),
-        (False, False, False, True, True),
-        (False, False, False, False, True),
-        (False, False, False, False, False),
+        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host")
+    assert [(c.ws, c.host, c.persistent, c.tma) for c in tried] == [
+        (True, True, True, True),
+        (False, True, True, True),
+        (False, False, True, True),
+        (False, False, False, True),
+        (False, False, False, False),
     ]
     tried.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host,pipe")
+        _check(q, k, v, window_right=0, config="32,16,4,1,ws,persistent,host")
     assert tried == [Sm90Config(32, 16, 4, 1, tma=False)]
 
 
@@ -292,7 +290,7 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
     sm90._cache_store("key-a", cfg)
     sm90._cache_store("key-b", Sm90Config(64, 64, 4, 2))
     data = sm90._cache_load()
-    assert data["key-a"] == [128, 64, 4, 3, False, True, True, False, False] and "key-b" in data
+    assert data["key-a"] == [128, 64, 4, 3, False, True, True, False] and "key-b" in data
     assert sm90._sk_bucket(1) == 256 and sm90._sk_bucket(4097) == 8192 and sm90._sk_bucket(10**6) == 16384
 
 
@@ -307,7 +305,7 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_every_candidate_config(d, causal):
     q, k, v = _qkv(2, 4, 2, 1500, 1777, d, BF16, "cuda", "bshd")
-    for cfg in sm90.candidate_configs(d, ws=False, knobs=d == 128):  # host / pipe variants: D = 128 only (compile time)
+    for cfg in sm90.candidate_configs(d, ws=False):
         _check(q, k, v, window_right=(1777 - 1500) if causal else None, config=cfg)
 
 
