@@ -3,6 +3,8 @@
 #
 # PLAN=tune:   the forward sweep with the host-descriptor / pipelined variants (D=128, S=4k and 1k), the decode
 #              sweep (bench/decode.py --tune), then the sm90 and decode GPU tests.
+# PLAN=verify: GPU tests (kernels, op, decode, fp8, probe, transformers models), the D=64/256 forward sweep,
+#              decode bandwidth.
 # PLAN=final:  GPU tests (sm90, ops, decode, fp8), then the forward table (kernel and op against every peer),
 #              decode bandwidth, the fwd+bwd table, models.py --quick.
 #
@@ -35,6 +37,15 @@ tune)
   step gpu_tests 110 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
     tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_decode_tuned.py -k "not warp_specialized"
   ;;
+verify)
+  step gpu_tests 260 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_sm90.py tests/test_ops.py tests/kernels/test_flash_decode.py \
+    tests/kernels/test_flash_decode_tuned.py tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py \
+    tests/test_mask_probe.py tests/models/test_training.py -k "not warp_specialized and (not train_gpu or llama)"
+  step tune_fwd 160 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 64,256 --seqs 4096,1024 --ws off \
+    --budget-s 140 ${FWD_ARGS:-}
+  step decode 80 "$OUT/decode.txt" python3 bench/decode.py --quick
+  ;;
 final)
   step gpu_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
     tests/kernels/test_flash_fwd_sm90.py tests/test_ops.py tests/kernels/test_flash_decode.py \
@@ -49,6 +60,7 @@ esac
   echo "--- summary (${SECONDS}s)"
   for f in "$OUT"/tune_fwd.txt; do [ -f "$f" ] && grep -E "^\s+\(|best:|^#" "$f" | tail -14; done
   [ -f "$OUT/decode_tune.txt" ] && tail -40 "$OUT/decode_tune.txt"
+  [ -f "$OUT/decode.txt" ] && tail -12 "$OUT/decode.txt"
   [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
