@@ -431,36 +431,44 @@ _CANDIDATES_WS: dict[int, list[Sm90Config]] = {
 _DEFAULT: dict[int, Sm90Config] = {
     16: _C(128, 64, 4, 3),
     32: _C(128, 64, 4, 3),
-    64: _C(128, 64, 4, 3),
-    128: _C(128, 128, 8, 3, host=True),  # the H200 sweep's winner at S = 1k, 4k, 16k (full)
-    256: _C(128, 64, 8, 2),
+    64: _C(128, 64, 4, 3, host=True),  # the H200 sweep's winners (TUNED_CONFIGS)
+    128: _C(128, 128, 8, 3, host=True),
+    256: _C(128, 64, 8, 2, host=True),
 }
 
 # (head dim, right-bounded band (causal), key-length bucket) -> (block_m, block_n, num_warps, num_stages, ws,
-# persistent). Paste `python bench/tune_fwd.py`'s dict here; measured entries beat autotuning and the default.
-# D = 64 / 256: measured by bench/tune_fwd.py on an H100 80GB HBM3 (torch 2.11, triton 3.6), 2026-11-25, bf16, H=16,
-# B*S=32k
+# persistent[, tma[, host]]). Paste `python bench/tune_fwd.py`'s dict here; measured entries beat autotuning and the
+# default. Measured by bench/tune_fwd.py on an NVIDIA H200 (torch 2.11, triton 3.6), 2026-11-30, bf16, H=16,
+# B*S=32k (bench/results/2026-11-30-h200/); buckets without a comment were not measured and take the winner of a
+# measured neighbour. Host descriptors won every measured case but D=128 causal at 16k.
+_H = (False, False, True, True)  # ws, persistent, tma, host
 TUNED_CONFIGS: dict[tuple[int, bool, int], tuple] = {
-    (64, False, 4096): (128, 64, 4, 4, False, False),  # 408 TFLOP/s, cudnn 492 (0.83x)
-    (64, False, 8192): (128, 64, 4, 4, False, False),  # 424 TFLOP/s, cudnn 499 (0.85x)
-    (64, True, 4096): (64, 64, 4, 3, False, False),  # 366 TFLOP/s, cudnn 443 (0.82x)
-    (64, True, 8192): (128, 64, 4, 4, False, False),  # 393 TFLOP/s, cudnn 467 (0.84x)
-    # D = 128: bench/tune_fwd.py on an NVIDIA H200 (torch 2.11, triton 3.6), 2026-11-30; 2048 and 8192 were not
-    # measured there and take their neighbours' winner
-    (128, False, 1024): (128, 128, 8, 3, False, False, True, True),  # 419 TFLOP/s, cudnn 611 (0.69x)
-    (128, False, 2048): (128, 128, 8, 3, False, False, True, True),
-    (128, False, 4096): (128, 128, 8, 3, False, False, True, True),  # 502 TFLOP/s, cudnn 674 (0.75x)
-    (128, False, 8192): (128, 128, 8, 3, False, False, True, True),
-    (128, False, 16384): (128, 128, 8, 3, False, False, True, True),  # 510 TFLOP/s, cudnn 604 (0.84x)
-    (128, True, 1024): (128, 64, 8, 3, False, False, True, True),  # 294 TFLOP/s, cudnn 442 (0.66x)
-    (128, True, 2048): (128, 128, 8, 3, False, False, True, True),
-    (128, True, 4096): (128, 128, 8, 3, False, False, True, True),  # 437 TFLOP/s, cudnn 588 (0.74x)
-    (128, True, 8192): (128, 128, 8, 3, False, False, True, True),
+    (64, False, 1024): (128, 64, 4, 3, *_H),  # 382 TFLOP/s, cudnn 431 (0.89x)
+    (64, False, 2048): (128, 64, 4, 3, *_H),
+    (64, False, 4096): (128, 64, 4, 3, *_H),  # 434 TFLOP/s, cudnn 481 (0.90x)
+    (64, False, 8192): (128, 64, 4, 3, *_H),
+    (64, True, 1024): (128, 64, 4, 3, *_H),  # 276 TFLOP/s, cudnn 335 (0.82x)
+    (64, True, 2048): (128, 64, 4, 3, *_H),
+    (64, True, 4096): (128, 64, 4, 3, *_H),  # 384 TFLOP/s, cudnn 434 (0.89x)
+    (64, True, 8192): (128, 64, 4, 3, *_H),
+    (128, False, 1024): (128, 128, 8, 3, *_H),  # 419 TFLOP/s, cudnn 611 (0.69x)
+    (128, False, 2048): (128, 128, 8, 3, *_H),
+    (128, False, 4096): (128, 128, 8, 3, *_H),  # 502 TFLOP/s, cudnn 674 (0.75x)
+    (128, False, 8192): (128, 128, 8, 3, *_H),
+    (128, False, 16384): (128, 128, 8, 3, *_H),  # 510 TFLOP/s, cudnn 604 (0.84x)
+    (128, True, 1024): (128, 64, 8, 3, *_H),  # 294 TFLOP/s, cudnn 442 (0.66x)
+    (128, True, 2048): (128, 128, 8, 3, *_H),
+    (128, True, 4096): (128, 128, 8, 3, *_H),  # 437 TFLOP/s, cudnn 588 (0.74x)
+    (128, True, 8192): (128, 128, 8, 3, *_H),
     (128, True, 16384): (128, 128, 8, 3, False, False),  # 493 TFLOP/s, cudnn 573 (0.86x)
-    (256, False, 4096): (128, 64, 8, 2, True, False),  # 532 TFLOP/s, cudnn 660 (0.81x)
-    (256, False, 8192): (128, 64, 8, 2, True, False),  # 551 TFLOP/s, cudnn 653 (0.84x)
-    (256, True, 4096): (128, 64, 8, 2, True, False),  # 459 TFLOP/s, cudnn 664 (0.69x)
-    (256, True, 8192): (128, 64, 8, 2, False, False),  # 526 TFLOP/s, cudnn 616 (0.85x)
+    (256, False, 1024): (128, 64, 8, 2, *_H),  # 449 TFLOP/s, cudnn 598 (0.75x)
+    (256, False, 2048): (128, 64, 8, 2, *_H),
+    (256, False, 4096): (128, 64, 8, 2, *_H),  # 551 TFLOP/s, cudnn 660 (0.83x)
+    (256, False, 8192): (128, 64, 8, 2, *_H),
+    (256, True, 1024): (128, 64, 8, 2, *_H),  # 347 TFLOP/s, cudnn 506 (0.69x)
+    (256, True, 2048): (128, 64, 8, 2, *_H),
+    (256, True, 4096): (128, 64, 8, 2, *_H),  # 475 TFLOP/s, cudnn 599 (0.79x)
+    (256, True, 8192): (128, 64, 8, 2, *_H),
 }
 
 
@@ -470,8 +478,8 @@ def candidate_configs(head_dim: int, *, ws: bool | None = None, persistent: bool
     ``ws=None`` adds the warp-specialized variants only when ``FLASHFUSE_SM90_WS=1`` (they are experimental
     on Hopper in Triton 3.6: the sweep measures them, the default autotune does not risk their compile).
     ``persistent`` adds one persistent variant of the first config. The first three configs come twice: with
-    descriptors built on the device and with host-built ones (``host``; on the H200 at D = 128 they won every
-    case but one by 5-28%, most at short sequences).
+    descriptors built on the device and with host-built ones (``host``; on the H200 they won every measured case
+    but one, D = 128 by 5-28%, most at short sequences).
     """
     if ws is None:
         ws = os.environ.get("FLASHFUSE_SM90_WS", "0") == "1"
