@@ -79,6 +79,8 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
     patches = inductor_patches(mode, extra)
     new_gm, graph_report = analyse(gm, example_inputs, config)
     if not config.inductor:
+        if config.verify and new_gm is not gm:
+            return _with_verify(new_gm.forward, gm, example_inputs, config, None, graph_report)
         return new_gm.forward
 
     from torch._inductor.compile_fx import compile_fx
@@ -108,6 +110,8 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
 
 
 def _with_verify(compiled, gm, example_inputs, config, patches, graph_report):
+    """``compiled`` checked once against the original; a failed check swaps in the original (compiled by
+    Inductor, or run as the FX graph it is when ``inductor`` is off)."""
     from torch._inductor.compile_fx import compile_fx
 
     from flashfuse.verify import VerifyingFunction, build_side_by_side
@@ -124,5 +128,10 @@ def _with_verify(compiled, gm, example_inputs, config, patches, graph_report):
     from flashfuse.passes import copy_graph_module
 
     original, _ = copy_graph_module(gm)
-    return VerifyingFunction(compiled, side_by_side, n_outputs, sources,
-                             lambda: compile_fx(original, example_inputs, config_patches=patches), graph_report)
+    if config.inductor:
+        def compile_original():
+            return compile_fx(original, example_inputs, config_patches=patches)
+    else:
+        def compile_original():
+            return original.forward
+    return VerifyingFunction(compiled, side_by_side, n_outputs, sources, compile_original, graph_report)

@@ -1,9 +1,11 @@
 """Verify mode (``options={"verify": True}`` or ``FLASHFUSE_VERIFY=1``): proof on the user's own model.
 
 On the first call of a compiled graph, a side-by-side graph runs once, eagerly: the original graph with,
-beside every rewritten site, the fused call on the same inputs; both results of each site come out as
-extra outputs and are compared with the dtype's tolerance. If any site differs, its report entry says so
-with the numbers, and the graph falls back to the unrewritten version for this and every later call.
+beside every rewritten site, the fused call on the same inputs (the FP8 op where ``fp8`` put one there); both
+results of each site come out as extra outputs and are compared with the dtype's tolerance (an FP8 site: with
+its scheme's relative RMS bound, ``fp8.SCHEME_BOUNDS``, since 8-bit rounding is not elementwise-small). If any
+site differs, its report entry says so with the numbers, and the graph falls back to the unrewritten version
+for this and every later call.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ TOLERANCE = {
 
 def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.GraphModule, list[str]]:
     """The original graph plus, per rewritten site, ``(original p @ v, fused call)`` as extra outputs."""
-    from flashfuse.passes import _trusted_constants, copy_graph_module
+    from flashfuse.passes import _fp8_check, _trusted_constants, copy_graph_module
     from flashfuse.passes.attention import AttentionSite, find_sites
     from flashfuse.passes.canonicalize import canonicalize
     from flashfuse.passes.rewrite import rewrite_site
@@ -45,7 +47,9 @@ def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tu
     pairs, sources = [], []
     for site in find_sites(work, config, constants):
         if isinstance(site, AttentionSite):
-            pairs.extend([site.pv, rewrite_site(work, site, replace=False)])
+            # the same decision as the real rewrite (run_pipeline): an FP8 site is checked as the FP8 op
+            fp8_check = _fp8_check(site) if config.fp8 else None
+            pairs.extend([site.pv, rewrite_site(work, site, replace=False, fp8_check=fp8_check)])
             sources.append(site.source)
     output = next(n for n in work.graph.nodes if n.op == "output")
     original = output.args[0]
@@ -68,6 +72,21 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
     worst = diff.max().item() if diff.numel() else 0.0
     ok = bool((diff <= bound).all())
     return ok, f"max abs diff {worst:.3g} (tolerance {atol:g} + {rtol:g}*|x|, {a.dtype})"
+
+
+def _compare_fp8(fused: torch.Tensor, original: torch.Tensor) -> tuple[bool, str]:
+    """An FP8 site against the original: NaN in the same places, relative RMS within the scheme's bound."""
+    from flashfuse import fp8
+    from flashfuse.passes import fp8_scheme_name
+
+    scheme = fp8_scheme_name()
+    bound = fp8.SCHEME_BOUNDS.get(scheme, max(fp8.SCHEME_BOUNDS.values()))
+    a, b = fused.detach().double(), original.detach().double()
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return False, "NaN positions differ"
+    a, b = a.nan_to_num(), b.nan_to_num()
+    err = fp8.relative_rms_error(a, b) if bool(b.norm() > 0) else (a - b).abs().max().item()
+    return err <= bound, f"relative RMS {err:.3g} (FP8 scheme {scheme}: bound {bound:g})"
 
 
 class VerifyingFunction:
@@ -101,7 +120,8 @@ class VerifyingFunction:
                 # both sides draw their own random dropout masks: nothing to compare
                 site.flags["verified"] = "skipped (dropout in training mode is random)"
                 continue
-            ok, detail = _compare(extra[2 * i + 1], extra[2 * i])
+            compare = _compare_fp8 if site is not None and site.flags.get("fp8") else _compare
+            ok, detail = compare(extra[2 * i + 1], extra[2 * i])
             if site is not None:
                 site.flags["verified"] = ok
             if not ok:

@@ -180,3 +180,53 @@ def test_the_fp8_decision_sees_the_ops_own_inputs(fp8_on_cpu):
     assert fp8_on_cpu == [True]
     ref = bmm_causal_attention(*(t.double() for t in (q, k, v)))
     assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]
+
+
+def _compile_verify(fn, *args):
+    torch._dynamo.reset()
+    mark = ff_report.collect()
+    out = torch.compile(fn, backend="flashfuse", options={"fp8": True, "verify": True, "inductor": False})(*args)
+    return out, ff_report.last_report(since=mark)
+
+
+def test_verify_checks_the_fp8_op_against_its_scheme_bound(fp8_on_cpu):
+    """``verify=True`` with ``fp8=True``: the side-by-side graph runs the FP8 op (the kernel runs twice: the check,
+    then the compiled graph) and compares it by relative RMS with the scheme's bound."""
+    q, k, v = _inputs()
+    with torch.no_grad():
+        out, rep = _compile_verify(causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is True and site.flags["verified"] is True
+    assert fp8_on_cpu == [True, True]
+    ref = causal_attention(*(t.double() for t in (q, k, v)))
+    assert fp8.relative_rms_error(out, ref) <= fp8.SCHEME_BOUNDS[fp8.DEFAULT_SCHEME]
+
+
+def test_verify_fails_an_fp8_kernel_past_its_bound(fp8_on_cpu, monkeypatch):
+    """An FP8 kernel 10% off (relative RMS) fails verify, and the graph runs unrewritten; 1% off passes (an
+    elementwise bf16 tolerance would judge neither by the scheme's own accuracy)."""
+    from flashfuse.kernels import flash_fwd_fp8
+
+    real = flash_fwd_fp8.flash_attention_forward_fp8
+    noise = {"level": 0.1}
+
+    def off(*a, **kw):
+        out = real(*a, **kw)
+        g = torch.Generator().manual_seed(11)
+        bump = torch.randn(out.shape, generator=g) * out.float().pow(2).mean().sqrt() * noise["level"]
+        return (out.float() + bump).to(out.dtype)
+
+    monkeypatch.setattr(flash_fwd_fp8, "flash_attention_forward_fp8", off)
+    q, k, v = _inputs()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="verify failed"):
+        out, rep = _compile_verify(causal_attention, q, k, v)
+    (site,) = rep.sites
+    assert not site.rewritten and site.reason.startswith("verify failed: relative RMS 0.1")
+    assert f"FP8 scheme {fp8.DEFAULT_SCHEME}: bound" in site.reason
+    torch.testing.assert_close(out, causal_attention(q, k, v), atol=0, rtol=0)
+
+    noise["level"] = 0.01
+    with torch.no_grad():
+        _, rep = _compile_verify(causal_attention, q, k, v)
+    (site,) = [s for s in rep.sites if s.rewritten]
+    assert site.flags["fp8"] is True and site.flags["verified"] is True

@@ -98,10 +98,15 @@ def _fp8_check(site: AttentionSite):
     return check
 
 
-def _fp8_kernel_name() -> str:
+def fp8_scheme_name() -> str:
+    """The FP8 scheme the kernel runs (``FLASHFUSE_FP8_SCHEME``, else ``fp8.DEFAULT_SCHEME``)."""
     from flashfuse.fp8 import DEFAULT_SCHEME
 
-    return f"flash_fwd_fp8 ({os.environ.get('FLASHFUSE_FP8_SCHEME') or DEFAULT_SCHEME})"
+    return os.environ.get("FLASHFUSE_FP8_SCHEME") or DEFAULT_SCHEME
+
+
+def _fp8_kernel_name() -> str:
+    return f"flash_fwd_fp8 ({fp8_scheme_name()})"
 
 
 def _kernel_has_sinks() -> bool:
