@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A one-GPU device call in one command (<= ~560 s), steps in sequence so timings never share the GPU.
 #
-# PLAN=tune:   the forward sweep with the host-descriptor / pipelined variants (D=128, S=4k and 1k), the decode
+# PLAN=tune:   the forward sweep (D=128, S=4k, 1k, 16k; with host-descriptor variants), the decode
 #              sweep (bench/decode.py --tune), then the sm90 and decode GPU tests.
 # PLAN=verify: GPU tests (kernels, op, decode, fp8, probe, transformers models), the D=64/256 forward sweep,
 #              decode bandwidth.
-# PLAN=final:  GPU tests (sm90, ops, decode, fp8), then the forward table (kernel and op against every peer),
-#              decode bandwidth, the fwd+bwd table, models.py --quick.
+# PLAN=final:  the GPU tests not yet run (fp8, probe, decode table, Llama training), the forward table (kernel
+#              and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the fwd+bwd table, generate.
 #
 # Usage on the device: PLAN=tune bash bench/gpu_h200.sh   ($OUT receives the logs; at most 8 files come back).
 # Knobs: FWD_ARGS, DECODE_ARGS, TABLE_ARGS.
@@ -47,13 +47,20 @@ verify)
   step decode 80 "$OUT/decode.txt" python3 bench/decode.py --quick
   ;;
 final)
-  step gpu_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
-    tests/kernels/test_flash_fwd_sm90.py tests/test_ops.py tests/kernels/test_flash_decode.py \
-    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py -k "not warp_specialized"
-  step fwd_table 130 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16 --dims 128 \
-    --seqs 16384,4096,1024 --cases full,causal,gqa_causal,window --budget-s 110 --csv "$OUT/fwd.csv" ${TABLE_ARGS:-}
-  step decode 60 "$OUT/bench.txt" python3 bench/decode.py --quick
-  step models 150 "$OUT/bench.txt" python3 bench/models.py --quick --budget-s 120
+  step gpu_tests 170 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider \
+    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py tests/test_mask_probe.py \
+    tests/kernels/test_flash_decode_tuned.py tests/models/test_training.py \
+    -k "not warp_specialized and (not train or train_gpu_bf16 and llama)" -m gpu
+  step fwd_table 150 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16 --dims 128 \
+    --seqs 16384,4096,1024,512 --cases full,causal,gqa_causal,window --rep 60 --budget-s 135 \
+    --methods flashfuse,flashfuse_op,flashfuse_fp8,sdpa_cudnn,sdpa_flash,flex,torch_compile \
+    --csv "$OUT/fwd.csv" ${TABLE_ARGS:-}
+  step fwd_dims 70 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16,fp16 --dims 64,256 --seqs 4096 \
+    --cases full,causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --rep 60 --budget-s 55 \
+    --csv "$OUT/fwd_dims.csv"
+  step fwdbwd 70 "$OUT/bench.txt" python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 --seqs 4096 \
+    --cases causal,gqa_causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --budget-s 55
+  step generate 150 "$OUT/generate.txt" python3 bench/generate.py --layers 4 --batch 1 16 --new-tokens 32 --reps 2
   ;;
 esac
 {
@@ -62,5 +69,7 @@ esac
   [ -f "$OUT/decode_tune.txt" ] && tail -40 "$OUT/decode_tune.txt"
   [ -f "$OUT/decode.txt" ] && tail -12 "$OUT/decode.txt"
   [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
+  [ -f "$OUT/bench.txt" ] && grep -E "^\|" "$OUT/bench.txt" | tail -40
+  [ -f "$OUT/generate.txt" ] && grep -E "^\|" "$OUT/generate.txt" | tail -10
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
