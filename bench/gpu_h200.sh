@@ -30,7 +30,7 @@ pytest_tail() { grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$1" | tail -12
 
 case "${PLAN:-tune}" in
 tune)
-  step tune_fwd 190 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --knobs --dims 128 --seqs 4096,1024,16384 \
+  step tune_fwd 190 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 128 --seqs 4096,1024,16384 \
     --budget-s 165 ${FWD_ARGS:-}
   step decode_tune 265 "$OUT/decode_tune.txt" timeout -s TERM 255 python3 bench/decode.py --tune --budget-s 220 \
     ${DECODE_ARGS:-}

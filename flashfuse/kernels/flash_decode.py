@@ -40,6 +40,7 @@ import functools
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -338,9 +339,9 @@ def choose_splits(programs: int, kv_len: int, sm_count: int, *, min_chunk: int =
 # two rounded up; value: (the config, num_splits). An entry was measured at its bucket's upper end (Sk = 4096
 # for lengths 2049..4096); the split count is used as a request (`_plan` still cuts no empty split). Keys
 # with no entry fall back to `_pick_config` and `choose_splits`. Split counts are for the GPU the table was
-# tuned on (132 SMs: H100, H200); the SM count is not in the key. FLASHFUSE_DECODE_CONFIG overrides the
+# tuned on (132 SMs: H100, H200); the SM count is not in the key but gates it. FLASHFUSE_DECODE_CONFIG overrides the
 # config (not the split count) of every key. Looked up once per call key (planning), never per call, and only
-# on Hopper (compute capability 9.x: the `pdl` knob needs sm90's griddepcontrol) or under the interpreter (tests).
+# on the GPU it was measured on (compute capability 9.x with 132 SMs: `_tuned_device`) or under the interpreter.
 # Tuned on an NVIDIA H200 (torch 2.11, triton 3.6), 2026-11-30, `bench/decode.py --tune --budget-s 220`, by
 # CUDA-graph time (K/V sets rotated past the L2); Hq 32 / Hkv 8, D 128, bf16; "current" is the heuristic's time.
 TUNED: dict[tuple, tuple[DecodeConfig, int]] = {
@@ -359,11 +360,21 @@ TUNED: dict[tuple, tuple[DecodeConfig, int]] = {
 }
 
 
+# the GPU the table was measured on: compute capability 9.x (where `pdl` compiles) with 132 SMs (H100 SXM, H200)
+_TUNED_SMS = 132
+
+
+@functools.cache
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 @functools.cache
 def _tuned_device(device: torch.device) -> bool:
-    """`TUNED` applies on Hopper (where it was measured, and where `pdl` compiles) and under the interpreter."""
+    """`TUNED` applies where it was measured (Hopper, 132 SMs: its split counts are per SM count) and under the
+    interpreter (tests)."""
     if device.type == "cuda" and not _interpreting():
-        return torch.cuda.get_device_capability(device)[0] == 9
+        return _capability_major(device) == 9 and _sm_count(device) == _TUNED_SMS
     return True
 
 
@@ -874,8 +885,10 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
     pl, cfg_key = _plan_call(cfg, D, Dv, q.dtype, mask_dtype, device, B, Hkv, groups, Sq, Sk, wl, wr, num_splits)
     cfg = pl.config
     splits, chunk, kv_lo, kv_hi = pl.num_splits, pl.chunk, pl.kv_lo, pl.kv_hi
-    # programmatic dependent launch: CUDA only (the interpreter has no griddepcontrol)
-    pdl = cfg.pdl and device.type == "cuda" and not _interpreting()
+    # programmatic dependent launch: sm90+ only (griddepcontrol; an env-forced `pdl` elsewhere is ignored), not
+    # under the interpreter
+    pdl = (cfg.pdl and device.type == "cuda" and not _interpreting() and _gdc_wait is not None
+           and _capability_major(device) >= 9)  # fmt: skip
     # keys inside the band for every row: j >= Sq - 1 - wl and j <= wr (and j < Sk)
     in_lo = triton.cdiv(max(Sq - 1 - wl, 0), cfg.block_n) * cfg.block_n
     in_hi = max(min(wr + 1, Sk), 0)
@@ -1155,16 +1168,25 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
             _run(_decode_split, launch, _SPLIT, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
                  launch.split_meta, aligned)  # fmt: skip
             break
-        except OutOfResources as e:
+        except Exception as e:  # noqa: BLE001 -- re-raised unless a smaller or plainer config is left to try
             cfg = launch.plan.config
-            smaller = _smaller(cfg)
-            if smaller is None:
-                raise
-            log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, smaller)
-            _FITTED[launch.cfg_key] = smaller  # for every key that asks for this config (tuned or not)
+            if isinstance(e, OutOfResources):
+                nxt = _smaller(cfg)
+                if nxt is None:
+                    raise
+                log.info("flash_decode: %s does not fit (%s); trying %s", cfg, e, nxt)
+            else:
+                # a knob this GPU or this Triton cannot compile (a table entry or FLASHFUSE_DECODE_CONFIG): the
+                # same tiles without knobs
+                nxt = replace(cfg, k_rows=False, pdl=False, merge_wide=False)
+                if nxt == cfg:
+                    raise
+                warnings.warn(f"flash_decode: {cfg.spec()} failed to compile ({type(e).__name__}: {str(e)[:200]}); "
+                              f"using {nxt.spec()}", RuntimeWarning, stacklevel=3)  # fmt: skip
+            _FITTED[launch.cfg_key] = nxt  # for every key that asks for this config (tuned or not)
             op_checked = launch.op_checked
-            _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) and config replan with the smaller one
-            given = None if launch.plan.source != "given" else smaller
+            _LAUNCHES.clear()  # other keys with this (D, Dv, dtype) and config replan with the new one
+            given = None if launch.plan.source != "given" else nxt
             launch = _build(q, k, v, mask, sinks, *scalars, given)
             launch.op_checked = op_checked
             if key is not None:

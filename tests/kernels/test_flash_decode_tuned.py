@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -215,6 +216,42 @@ def test_overflowing_entry_falls_back_for_its_own_config(device, monkeypatch):
     q2, k2, v2 = _qkv(1, 4, 2, 1, 600, 32, FP32, device)
     pl = flash_decode.plan(q2, k2, v2)
     assert pl.source == "heuristic" and pl.config == flash_decode._pick_config(32, FP32, q.device)
+
+
+def test_a_knob_that_fails_to_compile_falls_back_to_the_plain_tiles(device, monkeypatch):
+    # a table entry (or FLASHFUSE_DECODE_CONFIG) whose knob this GPU cannot compile (pdl before sm90): one warning,
+    # the same tiles without knobs, remembered for that config
+    q, k, v = _qkv(1, 4, 2, 1, 300, 32, FP32, device)
+    knobby = DecodeConfig(16, 16, 1, 1, k_rows=True, merge_wide=True)
+    flash_decode.TUNED[_key_of(q, v)] = (knobby, 3)
+    real_run = flash_decode._run
+
+    def run(kernel, launch, which, grid, args, meta, aligned):
+        if which == flash_decode._SPLIT and meta["K_ROWS"]:
+            raise RuntimeError("PTXASError: Instruction 'griddepcontrol' requires .target sm_90 (simulated)")
+        return real_run(kernel, launch, which, grid, args, meta, aligned)
+
+    monkeypatch.setattr(flash_decode, "_run", run)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        _check(q, k, v, window_right=299)
+    (launch,) = flash_decode._LAUNCHES.values()
+    assert launch.plan.config == DecodeConfig(16, 16, 1, 1) and launch.plan.source == "tuned (fitted)"
+    assert flash_decode._FITTED[(32, 32, FP32, None, q.device, knobby)] == DecodeConfig(16, 16, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(q, k, v, window_right=299)  # the fallback is remembered: no second warning
+
+
+def test_a_plain_config_that_fails_to_compile_raises(device, monkeypatch):
+    q, k, v = _qkv(1, 4, 2, 1, 300, 32, FP32, device)
+    flash_decode.TUNED[_key_of(q, v)] = (DecodeConfig(16, 16, 1, 1), 3)
+
+    def run(*a, **kw):
+        raise RuntimeError("compiler crashed (simulated)")
+
+    monkeypatch.setattr(flash_decode, "_run", run)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        flash_decode.flash_decode_forward(q, k, v, scale=0.125, window_right=299)
 
 
 # ----------------------------------------------------------------------------------------------

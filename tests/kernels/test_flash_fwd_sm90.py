@@ -116,13 +116,27 @@ VARIANTS = [
 ]  # fmt: skip
 
 
+def _spy_host_descriptors(monkeypatch) -> list:
+    """Records each host descriptor built: a `host` config must really take that path (a silent fallback to the
+    device-built descriptors would pass every value check)."""
+    built = []
+    real = sm90._host_desc
+    monkeypatch.setattr(sm90, "_host_desc", lambda t, rows: built.append(rows) or real(t, rows))
+    return built
+
+
 @pytest.mark.skipif(ON_SM90, reason="interpreter configs; the gpu tests sweep the real ones")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("band", ["full", "causal", "bottom-right"])
-def test_kernel_variants(variant, band, device):
+def test_kernel_variants(variant, band, device, monkeypatch):
+    built = _spy_host_descriptors(monkeypatch)
     q, k, v = _qkv(2, 4, 2, 75, 90, 32, BF16, device, "bshd")
     wl, wr = _band(band, 75, 90)
-    _check(q, k, v, window_left=wl, window_right=wr, config=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no compile fallback
+        _check(q, k, v, window_left=wl, window_right=wr, config=variant)
+    cfg = Sm90Config.parse(variant)
+    assert len(built) == (4 if cfg.host and cfg.tma else 0)
 
 
 @pytest.mark.parametrize(
@@ -303,10 +317,27 @@ def test_autotune_cache_roundtrip(tmp_path, monkeypatch):
 @needs_sm90
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gpu_every_candidate_config(d, causal):
-    q, k, v = _qkv(2, 4, 2, 1500, 1777, d, BF16, "cuda", "bshd")
+def test_gpu_every_candidate_config(d, causal, monkeypatch):
+    built = _spy_host_descriptors(monkeypatch)
+    q, k, v = _qkv(2, 4, 2, 1500, 1777, d, BF16, "cuda", "bshd")  # 21M scores: past _HOST_MIN_SCORES
     for cfg in sm90.candidate_configs(d, ws=False):
-        _check(q, k, v, window_right=(1777 - 1500) if causal else None, config=cfg)
+        built.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no compile fallback (a shrink is allowed: no warning)
+            _check(q, k, v, window_right=(1777 - 1500) if causal else None, config=cfg)
+        assert len(built) % 4 == 0 and bool(built) == cfg.host, cfg  # 4 per attempt (a shrink retries)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_gpu_small_calls_keep_device_descriptors(monkeypatch):
+    """Below _HOST_MIN_SCORES a host config runs with the device-built descriptors (launch-bound: the host ones'
+    ~20 us of Python would show), with the same result."""
+    built = _spy_host_descriptors(monkeypatch)
+    q, k, v = _qkv(1, 4, 2, 300, 300, 128, BF16, "cuda")
+    assert 4 * 300 * 300 < sm90._HOST_MIN_SCORES
+    _check(q, k, v, window_right=0, config="128,128,8,3,host")
+    assert built == []
 
 
 @pytest.mark.gpu
