@@ -5,8 +5,9 @@
 #              sweep (bench/decode.py --tune), then the sm90 and decode GPU tests.
 # PLAN=verify: GPU tests (kernels, op, decode, fp8, probe, transformers models), the D=64/256 forward sweep,
 #              decode bandwidth.
-# PLAN=final:  the GPU tests not yet run (fp8, probe, decode table, Llama training), the forward table (kernel
-#              and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the fwd+bwd table, generate.
+# PLAN=final:  the forward table (kernel and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the
+#              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
+# PLAN=generate: bench/generate.py (4 layers, batch 1 and 16).
 #
 # Usage on the device: PLAN=tune bash bench/gpu_h200.sh   ($OUT receives the logs; at most 8 files come back).
 # Knobs: FWD_ARGS, DECODE_ARGS, TABLE_ARGS.
@@ -47,20 +48,22 @@ verify)
   step decode 80 "$OUT/decode.txt" python3 bench/decode.py --quick
   ;;
 final)
-  step gpu_tests 170 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider \
-    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py tests/test_mask_probe.py \
-    tests/kernels/test_flash_decode_tuned.py tests/models/test_training.py \
-    -k "not warp_specialized and (not train or train_gpu_bf16 and llama)" -m gpu
   step fwd_table 150 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16 --dims 128 \
     --seqs 16384,4096,1024,512 --cases full,causal,gqa_causal,window --rep 60 --budget-s 135 \
     --methods flashfuse,flashfuse_op,flashfuse_fp8,sdpa_cudnn,sdpa_flash,flex,torch_compile \
     --csv "$OUT/fwd.csv" ${TABLE_ARGS:-}
-  step fwd_dims 70 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16,fp16 --dims 64,256 --seqs 4096 \
-    --cases full,causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --rep 60 --budget-s 55 \
+  step fwd_dims 65 "$OUT/bench.txt" python3 -m flashfuse.bench --dtypes bf16,fp16 --dims 64,256 --seqs 4096 \
+    --cases full,causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --rep 60 --budget-s 50 \
     --csv "$OUT/fwd_dims.csv"
-  step fwdbwd 70 "$OUT/bench.txt" python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 --seqs 4096 \
-    --cases causal,gqa_causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --budget-s 55
-  step generate 150 "$OUT/generate.txt" python3 bench/generate.py --layers 4 --batch 1 16 --new-tokens 32 --reps 2
+  step fwdbwd 65 "$OUT/bench.txt" python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 --seqs 4096 \
+    --cases causal,gqa_causal --methods flashfuse,flashfuse_op,sdpa_cudnn,flex --budget-s 50
+  step gpu_tests 290 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_fp8.py tests/test_fp8_option.py tests/kernels/test_flash_fwd_sm90.py \
+    tests/models/test_training.py \
+    -k "candidate or small_calls or (not sm90 and not schemes and (not train or train_gpu_bf16 and llama))"
+  ;;
+generate)
+  step generate 200 "$OUT/generate.txt" python3 bench/generate.py --layers 4 --batch 1 16 --new-tokens 32 --reps 2
   ;;
 esac
 {
