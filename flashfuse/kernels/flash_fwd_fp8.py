@@ -66,20 +66,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from flashfuse import fp8 as _fp8
 from flashfuse.kernels.flash_fwd import _key_blocks
 
-# _sk_bucket (autotune cache buckets) and _smaller (the shrink after a shared-memory overflow: it only reads
-# num_stages / block_n / block_m) are the Hopper kernel's, for its config and for Fp8Config alike
-from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _sk_bucket, _smaller
+# _sk_bucket (autotune cache buckets) and the fallback launch loop (shrink after a shared-memory overflow, drop WS
+# then TMA after a compile failure: it reads only fields both config classes have) are the Hopper kernel's
+from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _sk_bucket
+from flashfuse.kernels.flash_fwd_sm90 import _launch_with_fallback as _sm90_launch_with_fallback
 
 __all__ = [
     "TUNED_CONFIGS",
@@ -406,14 +405,6 @@ def candidate_configs(head_dim: int, *, ws: bool = False) -> list[Fp8Config]:
     return out
 
 
-def _plainer(cfg: Fp8Config) -> Fp8Config | None:
-    if cfg.ws:
-        return replace(cfg, ws=False)
-    if cfg.tma:
-        return replace(cfg, tma=False)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # support predicate
 # ----------------------------------------------------------------------------------------------
@@ -619,31 +610,9 @@ _FITTED: dict[tuple, Fp8Config] = {}
 
 
 def _launch_with_fallback(launch: _Launch, cfg: Fp8Config, fit_key: tuple) -> Fp8Config:
-    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer."""
-    requested = cfg
-    cfg = _FITTED.get((requested, *fit_key), cfg)
-    while True:
-        try:
-            launch.run(cfg)
-            break
-        except OutOfResources as e:
-            smaller = _smaller(cfg)
-            if smaller is None:
-                raise
-            log.info("flash_fwd_fp8: %s does not fit (%s); trying %s", cfg, e, smaller)
-            cfg = smaller
-        except Exception as e:  # a compiler error of any type: retry with a plainer kernel
-            plainer = _plainer(cfg)
-            if plainer is None:
-                raise
-            warnings.warn(
-                f"flash_fwd_fp8: {cfg} failed to compile ({type(e).__name__}: {str(e)[:300]}); using {plainer}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            cfg = plainer
-    _FITTED[(requested, *fit_key)] = cfg
-    return cfg
+    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer (WS, then TMA):
+    ``flash_fwd_sm90``'s loop, with this kernel's ``_FITTED``."""
+    return _sm90_launch_with_fallback(launch, cfg, fit_key, fitted=_FITTED, name="flash_fwd_fp8")
 
 
 _MEMO: dict[tuple, Fp8Config] = {}

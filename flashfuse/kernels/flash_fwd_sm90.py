@@ -497,7 +497,7 @@ def _sk_bucket(sk: int) -> int:
     return min(max(triton.next_power_of_2(max(sk, 1)), 256), 16384)
 
 
-def _smaller(cfg: Sm90Config) -> Sm90Config | None:
+def _smaller(cfg):
     """The next config after a shared-memory overflow: fewer stages, then smaller tiles."""
     if cfg.num_stages > 2:
         return replace(cfg, num_stages=cfg.num_stages - 1)
@@ -511,9 +511,10 @@ def _smaller(cfg: Sm90Config) -> Sm90Config | None:
 
 
 def _plainer(cfg: Sm90Config) -> Sm90Config | None:
-    """The next config after a compile failure: drop WS, host descriptors, the persistent loop, then TMA."""
+    """The next config after a compile failure: drop WS, host descriptors, the persistent loop, then TMA (of the
+    knobs ``cfg`` has: ``flash_fwd_fp8``'s configs have WS and TMA only)."""
     for name in ("ws", "host", "persistent", "tma"):
-        if getattr(cfg, name):
+        if getattr(cfg, name, False):
             return replace(cfg, **{name: False})
     return None
 
@@ -773,10 +774,16 @@ def _build(q, k, v, out, lse, scale, window_left, window_right, softcap, mask_fi
 _FITTED: dict[tuple, Sm90Config] = {}
 
 
-def _launch_with_fallback(launch: _Launch, cfg: Sm90Config, fit_key: tuple) -> Sm90Config:
-    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer."""
+def _launch_with_fallback(launch, cfg, fit_key: tuple, *, fitted: dict | None = None, name: str = "flash_fwd_sm90"):
+    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer.
+
+    Returns the config that ran, remembered in ``fitted`` (default ``_FITTED``) under ``(cfg, *fit_key)``. Shared
+    with ``flash_fwd_fp8`` (its own ``_Launch``, configs and ``fitted`` dict; ``_smaller``/``_plainer`` read only
+    the fields both config classes have).
+    """
+    fitted = _FITTED if fitted is None else fitted
     requested = cfg
-    cfg = _FITTED.get((requested, *fit_key), cfg)
+    cfg = fitted.get((requested, *fit_key), cfg)
     while True:
         try:
             launch.run(cfg)
@@ -785,19 +792,19 @@ def _launch_with_fallback(launch: _Launch, cfg: Sm90Config, fit_key: tuple) -> S
             smaller = _smaller(cfg)
             if smaller is None:
                 raise
-            log.info("flash_fwd_sm90: %s does not fit (%s); trying %s", cfg, e, smaller)
+            log.info("%s: %s does not fit (%s); trying %s", name, cfg, e, smaller)
             cfg = smaller
         except Exception as e:  # a compiler error of any type: retry with a plainer kernel
             plainer = _plainer(cfg)
             if plainer is None:
                 raise
             warnings.warn(
-                f"flash_fwd_sm90: {cfg} failed to compile ({type(e).__name__}: {str(e)[:300]}); using {plainer}",
+                f"{name}: {cfg} failed to compile ({type(e).__name__}: {str(e)[:300]}); using {plainer}",
                 RuntimeWarning,
                 stacklevel=3,
             )
             cfg = plainer
-    _FITTED[(requested, *fit_key)] = cfg
+    fitted[(requested, *fit_key)] = cfg
     return cfg
 
 

@@ -171,6 +171,36 @@ def test_env_picks_the_scheme_and_the_config(monkeypatch):
 
 
 @on_cpu
+def test_compile_failure_and_overflow_fall_back(monkeypatch):
+    """The shared fallback loop (flash_fwd_sm90's) with this kernel's configs: an overflow shrinks the stages, a
+    compile failure drops WS then TMA with a warning, the result is unchanged, and the fallback is remembered in
+    this kernel's own _FITTED."""
+    from triton.runtime.errors import OutOfResources
+
+    q, k, v = _qkv(1, 2, 2, 20, 20, 64, BF16, "cpu")
+    want = flash_attention_forward_fp8(q, k, v, None, True, config="32,32,4,1,notma")
+    real_run = k8._Launch.run
+    tried = []
+
+    def run(self, cfg):
+        tried.append(cfg)
+        if cfg.num_stages > 1:
+            raise OutOfResources(300000, 232448, "shared memory")
+        if cfg.ws or cfg.tma:
+            raise RuntimeError("PassManager::run failed (simulated)")
+        return real_run(self, cfg)
+
+    monkeypatch.setattr(k8._Launch, "run", run)
+    with pytest.warns(RuntimeWarning, match="flash_fwd_fp8: .* failed to compile"):
+        got = flash_attention_forward_fp8(q, k, v, None, True, config="32,32,4,2,ws")
+    assert torch.equal(got, want)
+    assert [(c.num_stages, c.ws, c.tma) for c in tried] == [(2, True, True), (1, True, True), (1, False, True),
+                                                           (1, False, False)]  # fmt: skip
+    fitted = {key[0]: cfg for key, cfg in k8._FITTED.items()}
+    assert fitted[Fp8Config(32, 32, 4, 2, ws=True)] == Fp8Config(32, 32, 4, 1, tma=False)
+
+
+@on_cpu
 def test_no_queries():
     q, k, v = _qkv(1, 2, 2, 0, 20, 64, BF16, "cpu")
     assert flash_attention_forward_fp8(q, k, v).shape == (1, 2, 0, 64)
