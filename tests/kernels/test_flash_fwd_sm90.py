@@ -365,11 +365,12 @@ def test_gpu_softcap_fill_and_odd_lengths():
 def test_gpu_autotune_writes_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHFUSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(sm90, "_MEMO", {})
-    q, k, v = _qkv(2, 4, 4, 1024, 1024, 64, BF16, "cuda")
+    q, k, v = _qkv(2, 4, 4, 300, 300, 64, BF16, "cuda")  # a key TUNED_CONFIGS has no entry for (sk <= 512)
+    assert (64, True, sm90._sk_bucket(300)) not in sm90.TUNED_CONFIGS
     _check(q, k, v, window_right=0)  # FLASHFUSE_SM90_AUTOTUNE=0: the default config
     out, _ = flash_attention_forward_sm90(q, k, v, 0.125, None, 0, autotune=True)
     data = sm90._cache_load()
-    assert len(data) == 1 and "D=64|bfloat16|causal=1" in next(iter(data))
+    assert len(data) == 1 and "D=64|bfloat16|causal=1|sk<=512" in next(iter(data))
     ref, _ = attention_ref(q, k, v, scale=0.125, window_right=0)
     assert (out.double() - ref).abs().max() < 2e-2
 
