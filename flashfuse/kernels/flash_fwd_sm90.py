@@ -3,10 +3,14 @@
 The fast common case of ``flash_fwd.flash_attention_forward`` -- fp16/bf16, a power-of-two head dim
 16..256 (``Dv == D``), no mask tensor, no sinks -- written for what Triton 3.6 does well on an H100:
 
-* **TMA.** Q, K, V and the output move through tensor descriptors built on the device, one per
-  (batch, head): ``shape = [S, D]``, ``strides = [stride_s, 1]``. The descriptor's bounds do the ragged
-  ends (loads past ``S`` read zeros, stores past ``Sq`` are clipped), so any strides work as long as TMA
-  accepts them: last dim contiguous, the other strides and the base 16-byte aligned (``supports``
+* **TMA.** Q, K, V and the output move through tensor descriptors: with the ``host`` knob (``HOST_DESC``;
+  the tuned configs have it) four descriptors built on the host over the whole ``[B, H, S, D]`` tensors,
+  loaded in ``[1, 1, rows, D]`` boxes at ``(b, h, row, 0)``; without it, built on the device in every program,
+  one per (batch, head): ``shape = [S, D]``, ``strides = [stride_s, 1]``. The host ones saved 5-28% on the
+  H200 (most at short sequences); they cost ~20 us of Python per call, so calls under ``_HOST_MIN_SCORES``
+  and tensors with a broadcast (stride-0) dim keep the device ones. Either way the descriptor's bounds do the
+  ragged ends (loads past ``S`` read zeros, stores past ``Sq`` are clipped), so any strides work as long as
+  TMA accepts them: last dim contiguous, the other strides and the base 16-byte aligned (``supports``
   checks). ``USE_TMA=False`` is the same kernel with plain pointer loads: the fallback if the TMA build
   fails to compile, and a second path the CPU tests exercise.
 * **Causal staging.** Key blocks are visited in three phases (``flash_fwd._key_blocks``): the left edge of the
@@ -28,7 +32,7 @@ float32; a row with nothing kept is NaN with ``lse = -inf`` for a ``-inf`` ``mas
 of ``v`` with ``lse = mask_fill + log(Sk)`` for a finite one (rule 6, epilogue only).
 
 Config choice (``_choose_config``): an explicit ``config=`` argument or ``FLASHFUSE_SM90_CONFIG``
-(``"128,128,8,2[,ws][,persistent][,notma]"``) wins; then ``TUNED_CONFIGS`` (paste
+(``"128,128,8,2[,ws][,persistent][,notma][,host]"``) wins; then ``TUNED_CONFIGS`` (paste
 ``bench/tune_fwd.py``'s output there); then an autotune over ``candidate_configs`` (cached across
 processes in ``~/.cache/flashfuse/fwd_sm90_autotune.json``; ``FLASHFUSE_SM90_AUTOTUNE=0`` turns it
 off); then a fixed default. A config that does not compile falls back (WS off, then persistent off,
@@ -945,7 +949,7 @@ def flash_attention_forward_sm90(
     Same semantics as ``flash_fwd.flash_attention_forward(q, k, v, None, scale=..., window_left=...,
     window_right=..., mask_fill=..., softcap=...)`` for the calls ``supports`` accepts; anything else
     raises ``ValueError`` with ``supports``' reason. ``scale=None`` is ``1/sqrt(D)``. ``config`` (or a
-    ``"128,128,8,2[,ws][,persistent][,notma]"`` string) forces one config; ``autotune`` overrides
+    ``"128,128,8,2[,ws][,persistent][,notma][,host]"`` string) forces one config; ``autotune`` overrides
     ``FLASHFUSE_SM90_AUTOTUNE`` for keys missing from ``TUNED_CONFIGS``.
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
