@@ -160,6 +160,21 @@ def _graph_ms(fns, device: str, target_ms: float = 2.0, replays: int = 5) -> flo
     return sorted(times)[len(times) // 2]
 
 
+def _decode_qkv(B, Sq, Sk, dtype, device, hq, hkv, d) -> tuple:
+    """A decode step's inputs: q ``[B, hq, Sq, d]``, k and v ``[B, hkv, Sk, d]``, N(0, 1)."""
+    return (
+        torch.randn(B, hq, Sq, d, dtype=dtype, device=device),
+        torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),
+        torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),
+    )
+
+
+def _graph_sets(first: tuple, device: str) -> list:
+    """``first`` and enough fresh copies of it that graph replays read K/V from HBM, not L2 (see `_graph_ms`)."""
+    kv_bytes = (first[1].numel() + first[2].numel()) * first[1].element_size()
+    return [first] + [tuple(torch.randn_like(t) for t in first) for _ in range(_n_sets(kv_bytes, device) - 1)]
+
+
 def _set_config(spec: str | None):
     """``--config``: force the decode kernel's config through FLASHFUSE_DECODE_CONFIG (what `_select` reads)."""
     if not spec:
@@ -177,9 +192,7 @@ def run_case(B, Sq, Sk, dtype, device, rep_ms, hq, hkv, d, splits=None, sweep=Fa
     from flashfuse.kernels.flash_decode import flash_decode_forward
     from flashfuse.kernels.flash_fwd import flash_attention_forward
 
-    q = torch.randn(B, hq, Sq, d, dtype=dtype, device=device)
-    k = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
-    v = torch.randn(B, hkv, Sk, d, dtype=dtype, device=device)
+    q, k, v = _decode_qkv(B, Sq, Sk, dtype, device, hq, hkv, d)
     scale = 1.0 / math.sqrt(d)
     band = {"window_right": Sk - Sq}
 
@@ -203,9 +216,7 @@ def run_case(B, Sq, Sk, dtype, device, rep_ms, hq, hkv, d, splits=None, sweep=Fa
     row["decode_ms"] = _time_ms(decode, device, rep_ms)
     row["kv_bytes"] = (k.numel() + v.numel()) * k.element_size()
     if device == "cuda":  # more K/V sets, so that graph replays read from HBM (see _graph_ms)
-        sets = [(q, k, v)] + [
-            tuple(torch.randn_like(t) for t in (q, k, v)) for _ in range(_n_sets(row["kv_bytes"], device) - 1)
-        ]
+        sets = _graph_sets((q, k, v), device)
         fns = [lambda s=s: flash_decode_forward(*s, scale=scale, num_splits=splits, **band) for s in sets]
         try:
             row["graph_ms"] = _graph_ms(fns, device)
@@ -396,14 +407,9 @@ class _Case:
 
         self.B, self.Sq, self.Sk, self.device = B, Sq, Sk, device
         self.scale, self.band = 1.0 / math.sqrt(d), {"window_right": Sk - Sq}
-        make = lambda: (
-            torch.randn(B, hq, Sq, d, dtype=dtype, device=device),
-            torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),
-            torch.randn(B, hkv, Sk, d, dtype=dtype, device=device),
-        )
-        first = make()
+        first = _decode_qkv(B, Sq, Sk, dtype, device, hq, hkv, d)
         self.kv_bytes = (first[1].numel() + first[2].numel()) * first[1].element_size()
-        self.sets = [first] + [make() for _ in range(_n_sets(self.kv_bytes, device) - 1)]
+        self.sets = _graph_sets(first, device)
         self.ref = flash_attention_forward(*first, scale=self.scale, **self.band)[0].float()
         self.tol = 1e-5 if dtype == torch.float32 else 2e-2
         self.plan = flash_decode.plan(*first, **self.band)  # what the library does now (TUNED or heuristics)

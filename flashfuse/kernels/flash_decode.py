@@ -1178,7 +1178,7 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
             else:
                 # a knob this GPU or this Triton cannot compile (a table entry or FLASHFUSE_DECODE_CONFIG): the
                 # same tiles without knobs
-                nxt = replace(cfg, k_rows=False, pdl=False, merge_wide=False)
+                nxt = replace(cfg, **dict.fromkeys(_KNOBS, False))
                 if nxt == cfg:
                     raise
                 warnings.warn(f"flash_decode: {cfg.spec()} failed to compile ({type(e).__name__}: {str(e)[:200]}); "
