@@ -61,12 +61,20 @@ def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tu
     return work, sources
 
 
-def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
-    atol, rtol = TOLERANCE.get(a.dtype, (1e-4, 1e-4))
+def _finite_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``a`` and ``b`` in float64 with their NaNs zeroed, or None when the NaNs are not in the same places."""
     a64, b64 = a.detach().double(), b.detach().double()
     if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+        return None
+    return a64.nan_to_num(), b64.nan_to_num()
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    atol, rtol = TOLERANCE.get(a.dtype, (1e-4, 1e-4))
+    pair = _finite_pair(a, b)
+    if pair is None:
         return False, "NaN positions differ"
-    a64, b64 = a64.nan_to_num(), b64.nan_to_num()
+    a64, b64 = pair
     diff = (a64 - b64).abs()
     bound = atol + rtol * b64.abs()
     worst = diff.max().item() if diff.numel() else 0.0
@@ -81,10 +89,10 @@ def _compare_fp8(fused: torch.Tensor, original: torch.Tensor) -> tuple[bool, str
 
     scheme = fp8_scheme_name()
     bound = fp8.SCHEME_BOUNDS.get(scheme, max(fp8.SCHEME_BOUNDS.values()))
-    a, b = fused.detach().double(), original.detach().double()
-    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+    pair = _finite_pair(fused, original)
+    if pair is None:
         return False, "NaN positions differ"
-    a, b = a.nan_to_num(), b.nan_to_num()
+    a, b = pair
     err = fp8.relative_rms_error(a, b) if bool(b.norm() > 0) else (a - b).abs().max().item()
     return err <= bound, f"relative RMS {err:.3g} (FP8 scheme {scheme}: bound {bound:g})"
 
