@@ -8,6 +8,8 @@
 # PLAN=final:  the forward table (kernel and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the
 #              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16).
+# PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
+#              10th fields), the backward GPU tests, the fwd+bwd table.
 #
 # Usage on the device: PLAN=tune bash bench/gpu_h200.sh   ($OUT receives the logs; at most 8 files come back).
 # Knobs: FWD_ARGS, DECODE_ARGS, TABLE_ARGS.
@@ -62,12 +64,25 @@ final)
     tests/models/test_training.py \
     -k "candidate or small_calls or (not sm90 and not schemes and (not train or train_gpu_bf16 and llama))"
   ;;
+bwd)
+  step tune_bwd128 150 "$OUT/tune_bwd.txt" python3 bench/tune_bwd.py --dims 128 --seqs 4096 --masks causal,full \
+    --heads 16/16,32/8 --budget-s 120 --only "${BWD128:-64,128,128,64,8,2,8,3;64,128,128,64,8,2,8,3,1}"
+  step tune_bwd64 60 "$OUT/tune_bwd.txt" python3 bench/tune_bwd.py --dims 64 --seqs 4096 --masks causal \
+    --heads 16/16 --budget-s 40 --only "${BWD64:-64,64,64,64,4,3;64,64,64,64,4,3,0,0,1}"
+  step tune_bwd256 80 "$OUT/tune_bwd.txt" python3 bench/tune_bwd.py --dims 256 --seqs 4096 --masks causal \
+    --heads 16/16,32/8 --budget-s 60 --only "${BWD256:-64,64,64,64,8,1;64,64,64,64,8,2,0,0,1,1}"
+  step bwd_tests 150 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_bwd.py tests/kernels/test_dropout.py
+  step fwdbwd 80 "$OUT/bench.txt" python3 -m flashfuse.bench --mode fwdbwd --dtypes bf16 --dims 128 --seqs 4096 \
+    --cases causal,gqa_causal,full --methods flashfuse,flashfuse_op,sdpa_cudnn,sdpa_flash,flex --budget-s 65
+  ;;
 generate)
   step generate 200 "$OUT/generate.txt" python3 bench/generate.py --layers 4 --batch 1 16 --new-tokens 32 --reps 2
   ;;
 esac
 {
   echo "--- summary (${SECONDS}s)"
+  [ -f "$OUT/tune_bwd.txt" ] && grep -E "TFLOP/s|best:|fastest|^#" "$OUT/tune_bwd.txt" | tail -40
   for f in "$OUT"/tune_fwd.txt; do [ -f "$f" ] && grep -E "^\s+\(|best:|^#" "$f" | tail -14; done
   [ -f "$OUT/decode_tune.txt" ] && tail -40 "$OUT/decode_tune.txt"
   [ -f "$OUT/decode.txt" ] && tail -12 "$OUT/decode.txt"

@@ -3,6 +3,7 @@
     python bench/tune_bwd.py                      # D=128, 64, 256 x S=4k, 8k x causal/full x MHA/GQA; <= ~4 min
     python bench/tune_bwd.py --dims 128 --seqs 4096 --budget-s 90
     python bench/tune_bwd.py --only "32,128,128,32,8,2;64,128,128,64,8,2"   # m1,n1,m2,n2,warps,stages
+    python bench/tune_bwd.py --only "64,128,128,64,8,2,8,3,1,0"   # ...,dq_warps,dq_stages,dq_tma,dkdv_tma
     python bench/tune_bwd.py --cpu --tiny         # TRITON_INTERPRET=1 smoke run (tests/test_tune_bwd.py)
 
 bf16, H=16 (GQA: 32 query heads on 8 KV heads), B = --tokens / S (16k tokens: B=4 at S=4096, the shape of
@@ -107,8 +108,10 @@ def say(*args) -> None:
 
 def parse_config(spec: str) -> tuple[int, ...]:
     cfg = tuple(int(x) for x in spec.replace(" ", "").split(","))
-    if len(cfg) not in (6, 8):
-        raise ValueError(f"config {spec!r}: expected m1,n1,m2,n2,num_warps,num_stages[,dq_warps,dq_stages]")
+    if len(cfg) not in (6, 8, 9, 10):
+        raise ValueError(
+            f"config {spec!r}: expected m1,n1,m2,n2,num_warps,num_stages[,dq_warps,dq_stages[,dq_tma[,dkdv_tma]]]"
+        )
     return cfg
 
 
@@ -121,6 +124,11 @@ def _fields(cfg) -> tuple[int, ...]:
         return cfg
     fields = (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2, cfg.num_warps, cfg.num_stages)
     dq = (getattr(cfg, "dq_warps", 0), getattr(cfg, "dq_stages", 0))
+    tma = (int(getattr(cfg, "dq_tma", False)), int(getattr(cfg, "dkdv_tma", False)))
+    if tma[1]:
+        return fields + dq + tma
+    if tma[0]:
+        return fields + dq + tma[:1]
     return fields + dq if any(dq) else fields
 
 
@@ -247,7 +255,8 @@ def forced(flash_bwd, cfg, record: list | None = None, poison: bool = False):
             num_warps, num_stages = used.warps_stages(pass_)
             launch = dict(meta_of(used), num_warps=num_warps, num_stages=num_stages)
             name = getattr(kernel, "__name__", str(kernel))
-            record.append((name, used, lambda: kernel[grid](*args, **launch)))
+            call_args = args(used) if callable(args) else args
+            record.append((name, used, lambda: kernel[grid](*call_args, **launch)))
             return used
 
         flash_bwd._launch = recording_launch

@@ -556,3 +556,74 @@ def test_the_dq_pass_launches_with_its_own_warps_and_stages():
             assert nxt != cfg_small
             cfg_small = nxt
         assert cfg_small.warps_stages("dq")[1] == cfg_small.warps_stages("dkdv")[1] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# host TMA descriptors for the loop tiles (BwdConfig.tma)
+# ----------------------------------------------------------------------------------------------
+
+
+def _count_host_descs(monkeypatch) -> list:
+    from flashfuse.kernels import flash_fwd_sm90
+
+    made = []
+    real = flash_fwd_sm90._host_desc
+    monkeypatch.setattr(flash_fwd_sm90, "_host_desc", lambda t, rows: made.append(rows) or real(t, rows))
+    return made
+
+
+def _force(monkeypatch, cfg) -> None:
+    monkeypatch.setattr(flash_bwd, "_pick_config", lambda *args: cfg)
+    monkeypatch.setattr(flash_bwd, "_FITTED", {})
+
+
+@pytest.mark.parametrize(
+    "shape, kw",
+    [
+        ((1, 4, 2, 37, 53, 32, BF16, "bshd"), {"window_right": 16}),  # GQA, ragged ends, bottom-right band
+        ((2, 2, 2, 48, 33, 16, FP16, "bhsd"), {"softcap": 20.0, "window_left": 7, "window_right": 0}),
+    ],
+    ids=["gqa-band", "softcap-window"],
+)
+def test_tma_descriptors_carry_the_loop_tiles(monkeypatch, shape, kw):
+    """With ``dkdv_tma`` the dK/dV pass reads Q and dO, with ``dq_tma`` the dQ pass K and V, through host
+    descriptors (two each, with the boxes of the tiles that step through them); rows past the ends read as zeros,
+    as the masked loads give."""
+    B, Hq, Hkv, Sq, Sk, D, dtype, layout = shape
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cpu", layout)
+    for dq_tma, dkdv_tma, boxes in ((True, True, [16, 16, 32, 32]), (True, False, [32, 32]), (False, True, [16, 16])):
+        _force(monkeypatch, flash_bwd.BwdConfig(16, 32, 32, 32, 1, 1, dq_tma=dq_tma, dkdv_tma=dkdv_tma))
+        made = _count_host_descs(monkeypatch)
+        _check(q, k, v, **kw)
+        assert made == boxes, made  # Q and dO in boxes of block_m1 rows, K and V of block_n2 rows
+
+
+def test_tma_is_skipped_where_descriptors_cannot_carry_the_call(monkeypatch):
+    """A head dim that is not its own padded size (boxes span whole rows) and a broadcast K keep pointer loads,
+    and still compute the right gradients."""
+    _force(monkeypatch, flash_bwd.BwdConfig(16, 32, 32, 16, 1, 1, dq_tma=True, dkdv_tma=True))
+    made = _count_host_descs(monkeypatch)
+    q, k, v = _qkv(1, 2, 2, 20, 20, 24, FP32, "cpu")
+    _check(q, k, v, window_right=0)
+    q, k, v = _qkv(1, 2, 1, 20, 20, 16, FP32, "cpu")
+    kb, vb = k.expand(1, 2, 20, 16), v.expand(1, 2, 20, 16)  # stride 0 over the heads
+    assert not flash_bwd._tma_ok(q, kb, vb, q, 16, 16)
+    assert flash_bwd._tma_ok(q, k, v, q, 16, 16)
+    assert made == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_tma_backward(monkeypatch, d):
+    """Each head dim's default tiles with TMA in both passes on the GPU (big enough for host descriptors), GQA
+    and a ragged causal band; it must not fall back to smaller tiles silently either."""
+    base = flash_bwd._pick_config(d, BF16, torch.device("cuda"))
+    cfg = replace(base, dq_tma=True, dkdv_tma=True)
+    _force(monkeypatch, cfg)
+    made = _count_host_descs(monkeypatch)
+    q, k, v = _qkv(1, 8, 2, 2000, 2000, d, BF16, "cuda", "bshd")
+    _check(q, k, v, window_right=0)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert len(made) == 4
+    assert list(flash_bwd._FITTED.values()) == [cfg]
