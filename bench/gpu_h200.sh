@@ -7,7 +7,7 @@
 #              decode bandwidth.
 # PLAN=final:  the forward table (kernel and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the
 #              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
-# PLAN=generate: bench/generate.py (4 layers, batch 1 and 16).
+# PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
 #
@@ -77,7 +77,8 @@ bwd)
     --cases causal,gqa_causal,full --methods flashfuse,flashfuse_op,sdpa_cudnn,sdpa_flash,flex --budget-s 65
   ;;
 generate)
-  step generate 200 "$OUT/generate.txt" python3 bench/generate.py --layers 4 --batch 1 16 --new-tokens 32 --reps 2
+  step generate "${GEN_LIMIT:-200}" "$OUT/generate.txt" python3 bench/generate.py \
+    ${GEN_ARGS:---layers 4 --batch 1 16 --new-tokens 32 --reps 2}
   ;;
 esac
 {
