@@ -5,7 +5,6 @@
     python bench/generate.py --layers 4      # the same layers, fewer of them (compiles 4x faster)
     python bench/generate.py --batch 1 --new-tokens 128
     python bench/generate.py --cpu --tiny    # smoke test: a 1-layer model, fp32, CPU (Triton interpreter), batch 1
-    python bench/generate.py --mode reduce-overhead   # both compiled methods under CUDA graphs
 
 Random weights from a config (nothing downloaded). Methods:
 
@@ -104,7 +103,7 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
     try:
         model = build_model(config_kw, ids.shape[1] + args.new_tokens, dtype, device, ATTN[method])
         if BACKEND[method] is not None:
-            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False, mode=args.mode)
+            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False)
         start = time.perf_counter()
         _generate(model, ids, args.new_tokens, args.cache)  # warm-up: compiles the prefill and decode graphs
         _sync(device)
@@ -171,8 +170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--reps", type=int, default=None, help="timed generate calls per measurement (median)")
-    p.add_argument("--mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode of both compiled methods (reduce-overhead: CUDA graphs)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -200,7 +197,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# device: {name}; Llama hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, heads "
           f"{c['num_attention_heads']}/{c['num_key_value_heads']}, {str(args.dtype)[6:]}; context {args.context}, "
-          f"{args.new_tokens} new tokens, greedy, {args.cache} cache; compile mode {args.mode or 'default'}")  # fmt: skip
+          f"{args.new_tokens} new tokens, greedy, {args.cache} cache")  # fmt: skip
     rows = []
     for batch in args.batch:
         torch.manual_seed(1)

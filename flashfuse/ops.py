@@ -119,7 +119,7 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
         return describe_kernel(device, head_dim, dtype, mask_dtype, sinks=sinks, dropout_p=dropout_p) + (
             "; flash_decode (split-KV) when the KV length is >= 256")
     if (device.type == "cuda" and not _interpreting() and mask_dtype is None and not sinks and not dropout_p
-            and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
+            and dtype in (torch.float16, torch.bfloat16) and head_dim in _cudnn_head_dims(device)
             and os.environ.get("FLASHFUSE_SDPA", "1") != "0" and not _CUDNN_BROKEN and not _no_cudnn):
         return ("SDPA cuDNN forward and backward (faster there) if no soft-capping and no band or causal with "
                 "Sq == Sk; "
@@ -142,6 +142,14 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
     return "reference (CPU, float32)"
 
 
+def _cudnn_head_dims(device: torch.device) -> tuple[int, ...]:
+    """Head dims the cuDNN path takes: 64 and 128; on Hopper and later also 256, where cuDNN's forward was 1.25x
+    and its forward+backward 1.5-1.8x flashfuse's Triton kernels (H200, bench/RESULTS.md, 2026-11-30)."""
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9:
+        return (64, 128, 256)
+    return (64, 128)
+
+
 _CUDNN_BROKEN: list[str] = []  # the first failure of the cuDNN path in this process (then it is not tried again)
 _CUDNN_GQA_BROKEN: list[str] = []  # the same for GQA/MQA calls (Hq != Hkv) only: plain MHA keeps the path
 _CUDNN_BWD_BROKEN: list[str] = []  # the same for the cuDNN backward (our backward kernel then runs)
@@ -155,7 +163,8 @@ def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks
     causal attention without masks, forward and backward, MHA and GQA, so the op hands it exactly those cases -- a
     user must not lose speed by choosing flashfuse. Exactly the same case: no mask tensor, no sinks, no
     soft-capping, no dropout, Hq a multiple of Hkv (cuDNN reads the shared K/V heads itself, as SDPA's
-    ``enable_gqa``), fp16/bf16, head dim 64 or 128, and either no band or the causal band with Sq == Sk (cuDNN's
+    ``enable_gqa``), fp16/bf16, head dim 64 or 128 (and 256 on Hopper: ``_cudnn_head_dims``), and either no band
+    or the causal band with Sq == Sk (cuDNN's
     is_causal is then the same mask; no row is ever empty, so ``mask_fill`` cannot matter). The backward takes
     the same decision from the same arguments (``_cudnn_backward``). ``FLASHFUSE_SDPA=0`` turns the path off.
     """
@@ -169,7 +178,7 @@ def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks
         return f"dtype {q.dtype}"
     if q.shape[1] != k.shape[1] and _CUDNN_GQA_BROKEN:
         return f"GQA/MQA: cuDNN refused it earlier in this process ({_CUDNN_GQA_BROKEN[0]})"
-    if q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1]:
+    if q.shape[-1] not in _cudnn_head_dims(q.device) or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]}"
     if window_left is not None or window_right not in (None, 0) or (window_right == 0 and q.shape[2] != k.shape[2]):
         return "a band other than none or causal with Sq == Sk"
