@@ -143,9 +143,14 @@ def describe_kernel(device: torch.device, head_dim: int, dtype: torch.dtype, mas
 
 
 def _cudnn_head_dims(device: torch.device) -> tuple[int, ...]:
-    """Head dims the cuDNN path takes: 64 and 128; on Hopper and later also 256, where cuDNN's forward was 1.25x
-    and its forward+backward 1.5-1.8x flashfuse's Triton kernels (H200, bench/RESULTS.md, 2026-11-30)."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9:
+    """Head dims the cuDNN path takes: 64 and 128; on sm90 (Hopper) with cuDNN >= 9.1 also 256, where cuDNN's
+    forward was 1.25x and its forward+backward 1.5-1.8x flashfuse's Triton kernels (H200, bench/RESULTS.md,
+    2026-11-30). sm90 and 9.1 are where PyTorch's own SDPA check (``check_cudnn_tensor_shapes``) allows head dims
+    above 128; other GPUs (and ROCm) were not measured. A failure of a wide call turns off only the wide calls
+    (``_CUDNN_WIDE_BROKEN``)."""
+    if (device.type == "cuda" and torch.version.hip is None and not _CUDNN_WIDE_BROKEN
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
+            and (torch.backends.cudnn.version() or 0) >= 90100):
         return (64, 128, 256)
     return (64, 128)
 
@@ -154,6 +159,7 @@ _CUDNN_BROKEN: list[str] = []  # the first failure of the cuDNN path in this pro
 _CUDNN_GQA_BROKEN: list[str] = []  # the same for GQA/MQA calls (Hq != Hkv) only: plain MHA keeps the path
 _CUDNN_BWD_BROKEN: list[str] = []  # the same for the cuDNN backward (our backward kernel then runs)
 _CUDNN_GQA_BWD_BROKEN: list[str] = []  # ... for its GQA/MQA calls only
+_CUDNN_WIDE_BROKEN: list[str] = []  # a failure (forward or backward) of a head dim > 128 call: those calls only
 
 
 def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks, dropout_p) -> str | None:
@@ -199,7 +205,10 @@ def _cudnn_forward(q, k, v, scale, *, causal: bool):
         # implementation promises a contiguous [B, H, Sq, Dv] (Inductor checks the strides)
         return out.contiguous(), lse
     except Exception as exc:  # noqa: BLE001 -- any refusal: our own kernel runs instead
-        broken = _CUDNN_GQA_BROKEN if q.shape[1] != k.shape[1] else _CUDNN_BROKEN
+        if q.shape[-1] > 128:
+            broken = _CUDNN_WIDE_BROKEN
+        else:
+            broken = _CUDNN_GQA_BROKEN if q.shape[1] != k.shape[1] else _CUDNN_BROKEN
         broken.append(f"{type(exc).__name__}: {str(exc)[:120]}")
         warnings.warn(f"flashfuse: the cuDNN path failed ({broken[0]}); using flashfuse's Triton kernels",
                       RuntimeWarning, stacklevel=2)
@@ -212,7 +221,7 @@ def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
     if cuDNN refuses. ``lse`` is the forward's (natural log, [B, Hq, Sq]): cuDNN's own, or our kernel's (the same
     quantity), so either forward pairs with this backward."""
     gqa = q.shape[1] != k.shape[1]
-    if _CUDNN_BWD_BROKEN or (gqa and _CUDNN_GQA_BWD_BROKEN):
+    if _CUDNN_BWD_BROKEN or (gqa and _CUDNN_GQA_BWD_BROKEN) or (q.shape[-1] > 128 and _CUDNN_WIDE_BROKEN):
         return None
     try:
         B, H, Sq = q.shape[:3]
@@ -224,7 +233,10 @@ def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
             None, None, None, Sq, Sk, 0.0, causal, scale=scale)
         return dq, dk, dv
     except Exception as exc:  # noqa: BLE001 -- any refusal: our own backward kernel runs instead
-        broken = _CUDNN_GQA_BWD_BROKEN if gqa else _CUDNN_BWD_BROKEN
+        if q.shape[-1] > 128:
+            broken = _CUDNN_WIDE_BROKEN
+        else:
+            broken = _CUDNN_GQA_BWD_BROKEN if gqa else _CUDNN_BWD_BROKEN
         broken.append(f"{type(exc).__name__}: {str(exc)[:160]}")
         warnings.warn(f"flashfuse: the cuDNN backward failed ({broken[0]}); using flashfuse's Triton "
                       "backward kernels", RuntimeWarning, stacklevel=2)

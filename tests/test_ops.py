@@ -324,3 +324,59 @@ def test_fully_masked_rows_with_an_added_fill_get_eagers_gradient(softcap, group
             assert got[0][0, :, :4].abs().max().item() == 0.0
         else:
             assert got[0][0, :, :4].abs().max().item() > 1e-3
+
+
+def test_cudnn_takes_head_dim_256_only_on_sm90_with_cudnn_9_1(monkeypatch):
+    """The wide head dim goes to cuDNN where PyTorch's own SDPA check allows it (sm90, cuDNN >= 9.1, CUDA not
+    ROCm) and while no wide call has failed; 64 and 128 everywhere cuDNN runs."""
+    from flashfuse import ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(ops, "_CUDNN_WIDE_BROKEN", [])
+    for cap, cudnn, want in (((9, 0), 90100, (64, 128, 256)), ((9, 0), 90000, (64, 128)),
+                             ((10, 0), 91000, (64, 128)), ((8, 0), 91000, (64, 128))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        monkeypatch.setattr(torch.backends.cudnn, "version", lambda cudnn=cudnn: cudnn)
+        assert ops._cudnn_head_dims(cuda) == want, (cap, cudnn)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert ops._cudnn_head_dims(cuda) == (64, 128)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(ops, "_CUDNN_WIDE_BROKEN", ["an earlier failure"])
+    assert ops._cudnn_head_dims(cuda) == (64, 128)
+    assert ops._cudnn_head_dims(torch.device("cpu")) == (64, 128)
+
+
+@pytest.mark.parametrize("d, wide", [(256, True), (128, False)])
+def test_a_failed_wide_cudnn_call_turns_off_only_the_wide_calls(monkeypatch, d, wide):
+    """cuDNN refusing a head-dim-256 call (forward or backward) must not take cuDNN away from D = 64/128 calls:
+    the failure is recorded in ``_CUDNN_WIDE_BROKEN`` only."""
+    from flashfuse import ops
+
+    def fresh():
+        for name in ("_CUDNN_BROKEN", "_CUDNN_GQA_BROKEN", "_CUDNN_BWD_BROKEN", "_CUDNN_GQA_BWD_BROKEN",
+                     "_CUDNN_WIDE_BROKEN"):
+            monkeypatch.setattr(ops, name, [])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN refused (test)")
+
+    for op in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"):
+        monkeypatch.setattr(torch.ops.aten, op, refuse)
+    q = torch.randn(1, 2, 8, d, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8)
+    for direction in ("forward", "backward"):
+        fresh()
+        if direction == "forward":
+            with pytest.warns(RuntimeWarning, match="cuDNN path failed"):
+                assert ops._cudnn_forward(q, q, q, 0.1, causal=False) is None
+        else:
+            with pytest.warns(RuntimeWarning, match="cuDNN backward failed"):
+                assert ops._cudnn_backward(q, q, q, q, q, lse, 0.1, causal=False) is None
+        narrow = ops._CUDNN_BROKEN if direction == "forward" else ops._CUDNN_BWD_BROKEN
+        assert (len(ops._CUDNN_WIDE_BROKEN), len(narrow)) == ((1, 0) if wide else (0, 1)), direction
+    if wide:  # once a wide call failed, the wide backward is not tried again
+        assert ops._cudnn_backward(q, q, q, q, q, lse, 0.1, causal=False) is None

@@ -228,7 +228,8 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
 
     The fp16/bf16 configs for D = 64, 128, 256 are the sweep's best per head dim (``bench/tune_bwd.py``,
     NVIDIA H200, triton 3.6, bf16, S = 4k and 8k x causal/full x MHA/GQA 32/8, 2026-11-29; bench/RESULTS.md):
-    D = 64 and 256 take the single config within 4% of the best of every one of their 8 cases. D = 128 combines
+    D = 64 (and, until the TMA paragraph below, 256) take the single config within 4% of the best of every one of
+    their 8 cases. D = 128 combines
     the dK/dV pass's best tiles and stages (64 x 128, 2 stages) with the dQ pass's (128 x 64, 3 stages): the
     sweep's per-pass times add up to 8-9% less than its best single config; timed as a whole in the session-3
     fwd+bwd table (causal S = 4k): 326 TFLOP/s of fwd+bwd against 307 with the best single config
@@ -259,28 +260,29 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     return BwdConfig(64, 64, 64, 64, 8, 2, dq_tma=True, dkdv_tma=True)
 
 
-def _tma_ok(q, k, v, grad_out, D: int, Dv: int) -> bool:
-    """Whether host TMA descriptors can carry this call's loop tiles (``BwdConfig.dq_tma``, ``dkdv_tma``).
+def _tma_ok(a: torch.Tensor, b: torch.Tensor, Sq: int, Sk: int) -> bool:
+    """Whether host TMA descriptors can carry one pass's loop tiles: ``a`` and ``b`` are Q and dO (the dK/dV
+    pass, ``BwdConfig.dkdv_tma``) or K and V (the dQ pass, ``dq_tma``).
 
-    Boxes are whole head dims (``[1, 1, rows, D]``), so D and Dv must be their own padded sizes; every tensor
-    needs TMA's layout (``flash_fwd_sm90._tma_reason``) and no broadcast dim. On CUDA the call must be big
-    enough to pay the descriptors' host time (``flash_fwd_sm90._HOST_MIN_SCORES``) and the GPU a Hopper or
-    later; the interpreter (tests) always honours the flag.
+    Boxes are whole head dims (``[1, 1, rows, D]``), so each head dim must be its own padded size; both tensors
+    need TMA's layout (``flash_fwd_sm90._tma_reason``) and no broadcast dim. On CUDA the call must be big enough
+    to pay the descriptors' host time (``flash_fwd_sm90._HOST_MIN_SCORES``) and the GPU an NVIDIA Hopper or
+    later; the interpreter (tests) always honours the flags.
     """
     from flashfuse.kernels import flash_fwd_sm90 as sm90
 
-    if D != max(16, triton.next_power_of_2(D)) or Dv != max(16, triton.next_power_of_2(Dv)):
+    if any(t.shape[-1] != max(16, triton.next_power_of_2(t.shape[-1])) for t in (a, b)):
         return False
-    tensors = (q, k, v, grad_out)
-    if not sm90._host_descriptors_ok(*tensors) or any(sm90._tma_reason("t", t) for t in tensors):
+    if not sm90._host_descriptors_ok(a, b) or sm90._tma_reason("a", a) or sm90._tma_reason("b", b):
         return False
     if _interpreting():
         return True
-    B, Hq, Sq, _ = q.shape
+    B, Hq = a.shape[0], max(a.shape[1], b.shape[1])
     return (
-        q.device.type == "cuda"
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
-        and B * Hq * Sq * k.shape[2] >= sm90._HOST_MIN_SCORES
+        a.device.type == "cuda"
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(a.device)[0] >= 9
+        and B * Hq * Sq * Sk >= sm90._HOST_MIN_SCORES
     )
 
 
@@ -295,7 +297,7 @@ def _smaller(cfg: BwdConfig, pass_: str = "dkdv") -> BwdConfig | None:
         return replace(cfg, block_n1=max(32, cfg.block_n1 // 2), block_m2=max(32, cfg.block_m2 // 2))
     if max(cfg.block_m1, cfg.block_n2, cfg.block_n1, cfg.block_m2) > 16:
         return BwdConfig(16, max(16, cfg.block_n1 // 2), max(16, cfg.block_m2 // 2), 16, cfg.num_warps, 1,
-                         cfg.dq_warps, min(cfg.dq_stages, 1))
+                         cfg.dq_warps, min(cfg.dq_stages, 1), dq_tma=cfg.dq_tma, dkdv_tma=cfg.dkdv_tma)
     if cfg.num_stages > 1 or cfg.dq_stages > 1:
         return replace(cfg, num_stages=1, dq_stages=min(cfg.dq_stages, 1))
     return None
@@ -976,7 +978,10 @@ def flash_attention_backward(
         "INTERPRET_BF16": interpreted and q.dtype == torch.bfloat16,
     }
 
-    key = (D, Dv, q.dtype, None if mask is None else mask_arg.dtype, device)
+    # per pass: can host descriptors carry its loop tiles (what a config's dq_tma / dkdv_tma can turn on)
+    tma_kv, tma_dq = _tma_ok(q, grad_out, Sq, Sk), _tma_ok(k, v, Sq, Sk)
+    # a config shrunk with or without TMA must not be reused for calls in the other state
+    key = (D, Dv, q.dtype, None if mask is None else mask_arg.dtype, device, tma_kv, tma_dq)
     cfg = _FITTED.get(key) or _pick_config(max(D, Dv), q.dtype, device)
     # fmt: off
     cfg = _launch(
@@ -991,10 +996,10 @@ def flash_attention_backward(
         lambda c: dict(meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, RULE6=rule6, HAS_SINKS=sinks is not None),
         cfg, device, "dq",
     )
-    tma_ok = _tma_ok(q, k, v, grad_out, D, Dv)
+    tma_ok = {"dkdv": tma_kv, "dq": tma_dq}
 
     def descs(c: BwdConfig, pass_: str, a: torch.Tensor, b: torch.Tensor, rows: int) -> tuple:
-        if not (c.tma(pass_) and tma_ok):
+        if not (c.tma(pass_) and tma_ok[pass_]):
             return None, None
         from flashfuse.kernels.flash_fwd_sm90 import _host_desc
 
@@ -1011,7 +1016,7 @@ def flash_attention_backward(
         ),
         lambda c: dict(
             meta, BLOCK_M=c.block_m1, BLOCK_N=c.block_n1, RULE6=rule6, DROPOUT=dropout,
-            USE_TMA=c.tma("dkdv") and tma_ok,
+            USE_TMA=c.tma("dkdv") and tma_kv,
         ),
         cfg, device,
     )
@@ -1027,7 +1032,7 @@ def flash_attention_backward(
         lambda c: dict(
             meta, BLOCK_M=c.block_m2, BLOCK_N=c.block_n2, NEED_DMASK=has_dmask, DROPOUT=dropout,
             DMASK_BCAST_M=dmask_strides[2] == 0, DMASK_BCAST_N=dmask_strides[3] == 0,
-            USE_TMA=c.tma("dq") and tma_ok,
+            USE_TMA=c.tma("dq") and tma_dq,
         ),
         cfg, device, "dq",
     )

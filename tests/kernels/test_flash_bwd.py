@@ -599,17 +599,51 @@ def test_tma_descriptors_carry_the_loop_tiles(monkeypatch, shape, kw):
 
 
 def test_tma_is_skipped_where_descriptors_cannot_carry_the_call(monkeypatch):
-    """A head dim that is not its own padded size (boxes span whole rows) and a broadcast K keep pointer loads,
-    and still compute the right gradients."""
+    """A head dim that is not its own padded size (boxes span whole rows) keeps pointer loads in both passes; a
+    broadcast K/V (stride 0 over the heads) keeps them in the dQ pass only (the dK/dV pass reads Q and dO, which
+    TMA can carry). Either way the gradients are right."""
     _force(monkeypatch, flash_bwd.BwdConfig(16, 32, 32, 16, 1, 1, dq_tma=True, dkdv_tma=True))
     made = _count_host_descs(monkeypatch)
     q, k, v = _qkv(1, 2, 2, 20, 20, 24, FP32, "cpu")
     _check(q, k, v, window_right=0)
-    q, k, v = _qkv(1, 2, 1, 20, 20, 16, FP32, "cpu")
-    kb, vb = k.expand(1, 2, 20, 16), v.expand(1, 2, 20, 16)  # stride 0 over the heads
-    assert not flash_bwd._tma_ok(q, kb, vb, q, 16, 16)
-    assert flash_bwd._tma_ok(q, k, v, q, 16, 16)
     assert made == []
+    q, k, v = _qkv(1, 2, 1, 20, 20, 16, FP32, "cpu")
+    kb, vb = k.expand(1, 2, 20, 16), v.expand(1, 2, 20, 16)
+    assert not flash_bwd._tma_ok(kb, vb, 20, 20)
+    assert flash_bwd._tma_ok(k, v, 20, 20) and flash_bwd._tma_ok(q, q, 20, 20)
+    _check(q, kb, vb, window_right=0)
+    assert made == [16, 16]  # Q and dO of the dK/dV pass (block_m1 rows); no K/V descriptors
+
+
+def test_launch_rebuilds_the_arguments_for_a_shrunk_config():
+    """The TMA boxes follow the tiles: when a config overflows shared memory, ``_launch`` builds the arguments
+    (descriptors included) again from the smaller config, which keeps the TMA flags."""
+    from triton.runtime.errors import OutOfResources
+
+    built, launched = [], []
+
+    class FakeKernel:
+        __name__ = "fake"
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                if len(launched) == 0 and args[0] == 64:
+                    launched.append(("overflow", args[0]))
+                    raise OutOfResources(300000, 232448, "shared memory")
+                launched.append(("ran", args[0]))
+
+            return run
+
+    cfg = flash_bwd.BwdConfig(64, 128, 128, 64, 8, 2, dq_tma=True, dkdv_tma=True)
+    used = flash_bwd._launch(FakeKernel(), lambda c: (1,), lambda c: built.append(c) or (c.block_m1,),
+                             lambda c: {}, cfg, torch.device("cpu"))
+    assert launched == [("overflow", 64), ("ran", used.block_m1)]
+    assert built == [cfg, used] and used != cfg
+    assert used.dq_tma and used.dkdv_tma
+    small = cfg
+    while (nxt := flash_bwd._smaller(small)) is not None:
+        assert nxt.dq_tma and nxt.dkdv_tma, nxt
+        small = nxt
 
 
 @pytest.mark.gpu
