@@ -23,6 +23,8 @@ import csv
 import math
 import warnings
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -115,6 +117,42 @@ def test_interpreter_matches_emulation_and_bound(scheme, case):
 def test_interpreter_head_dims(d, scheme):
     q, k, v = _qkv(1, 2, 1, 20, 33, d, BF16, "cpu")
     _check(q, k, v, causal=True, scheme=scheme)
+
+
+@on_cpu
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_interpreter_host_descriptors_match_device_ones(scheme, monkeypatch):
+    """The ``host`` knob (descriptors built once over the whole 4-D tensors) gives the on-device descriptors'
+    result bit for bit, GQA, odd lengths, causal or not; a V whose strides TMA cannot take keeps the plain path.
+    The e4m3 V8ᵀ descriptor ends at Sk, not at the padded row length: the padding columns are never written
+    (the interpreter's fp8 dot does not turn their NaN poison into NaN outputs, so this is asserted on the
+    descriptor itself)."""
+    q, k, v = _qkv(2, 4, 2, 37, 53, 64, BF16, "cpu", "bshd")
+    calls, descs = [], []
+    real = k8._Launch._host_descs
+
+    def spy(self, cfg):
+        calls.append(str(cfg))
+        descs.append(real(self, cfg))
+        return descs[-1]
+
+    monkeypatch.setattr(k8._Launch, "_host_descs", spy)
+    for causal in (False, True):
+        dev = flash_attention_forward_fp8(q, k, v, None, causal, scheme=scheme, config="32,16,4,1")
+        host = flash_attention_forward_fp8(q, k, v, None, causal, scheme=scheme, config="32,16,4,1,host")
+        assert torch.equal(dev, host), causal
+    assert calls == ["32x16 w4 s1 host"] * 2
+    dq, dk, dv, do = descs[0]
+    assert list(dq.shape) == [2, 4, 37, 64] and list(dk.shape) == [2, 2, 53, 64] and list(do.shape) == [2, 4, 37, 64]
+    if SCHEMES[scheme].pv == "e4m3":
+        assert list(dv.shape) == [2, 2, 64, 53] and list(dv.block_shape) == [1, 1, 64, 16]
+    else:
+        assert list(dv.shape) == [2, 2, 53, 64] and list(dv.block_shape) == [1, 1, 16, 64]
+    _check(q, k, v, causal=True, scheme=scheme, config="32,16,4,1,host")
+    if SCHEMES[scheme].pv != "e4m3":  # V is read as given: a transposed V has no descriptor (plain loads)
+        v_t = torch.randn(2, 2, 64, 53, dtype=BF16).transpose(-1, -2)
+        _check(q, k, v_t, causal=True, scheme=scheme, config="32,16,4,1,host")
+        assert len(calls) == 3
 
 
 @on_cpu
@@ -211,6 +249,9 @@ def test_config_parse():
     assert Fp8Config.parse("128, 64, 8, 3, ws, notma") == Fp8Config(128, 64, 8, 3, ws=True, tma=False)
     assert str(Fp8Config(128, 64, 8, 3, ws=True, tma=False)) == "128x64 w8 s3 ws notma"
     assert Fp8Config.parse("64,64,4,2,nopromote") == Fp8Config(64, 64, 4, 2, promote=False)
+    assert Fp8Config.parse("128,128,8,3,host") == Fp8Config(128, 128, 8, 3, host=True)
+    assert str(Fp8Config(128, 128, 8, 3, host=True)) == "128x128 w8 s3 host"
+    assert [c for c in k8.candidate_configs(128) if c.host] == [replace(c, host=True) for c in k8._CANDIDATES[128][:2]]
     for bad in ("128,64", "128,64,8,3,fast"):
         with pytest.raises(ValueError, match="config"):
             Fp8Config.parse(bad)
@@ -344,6 +385,21 @@ def test_gpu_schemes(scheme, d, causal):
     """Odd lengths, GQA 8/2, Sq != Sk, BSHD strides; each scheme and head dim with its default config."""
     q, k, v = _qkv(2, 8, 2, 1000, 1537, d, BF16, "cuda", "bshd")
     _check_gpu(q, k, v, causal=causal, scheme=scheme)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("scheme", ["int8qk", "fp8"])
+def test_gpu_host_descriptors(scheme, monkeypatch):
+    """The ``host`` candidates on a call big enough for host descriptors (B*Hq*Sq*Sk >= 2^24), odd key count (the
+    e4m3 V8ᵀ padding), GQA: the descriptors are built and nothing falls back."""
+    built = []
+    real = k8._Launch._host_descs
+    monkeypatch.setattr(k8._Launch, "_host_descs", lambda self, cfg: built.append(cfg) or real(self, cfg))
+    q, k, v = _qkv(1, 8, 2, 2048, 2047, 128, BF16, "cuda")
+    for cfg in [c for c in k8.candidate_configs(128) if c.host]:
+        _check_gpu(q, k, v, causal=True, scheme=scheme, config=cfg)
+    assert len(built) == 2
 
 
 @pytest.mark.gpu
