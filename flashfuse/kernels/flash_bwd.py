@@ -260,14 +260,14 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
     return BwdConfig(64, 64, 64, 64, 8, 2, dq_tma=True, dkdv_tma=True)
 
 
-def _tma_ok(a: torch.Tensor, b: torch.Tensor, Sq: int, Sk: int) -> bool:
+def _tma_ok(a: torch.Tensor, b: torch.Tensor, scores: int) -> bool:
     """Whether host TMA descriptors can carry one pass's loop tiles: ``a`` and ``b`` are Q and dO (the dK/dV
     pass, ``BwdConfig.dkdv_tma``) or K and V (the dQ pass, ``dq_tma``).
 
     Boxes are whole head dims (``[1, 1, rows, D]``), so each head dim must be its own padded size; both tensors
-    need TMA's layout (``flash_fwd_sm90._tma_reason``) and no broadcast dim. On CUDA the call must be big enough
-    to pay the descriptors' host time (``flash_fwd_sm90._HOST_MIN_SCORES``) and the GPU an NVIDIA Hopper or
-    later; the interpreter (tests) always honours the flags.
+    need TMA's layout (``flash_fwd_sm90._tma_reason``) and no broadcast dim. On CUDA the call (``scores`` =
+    B * Hq * Sq * Sk) must be big enough to pay the descriptors' host time (``flash_fwd_sm90._HOST_MIN_SCORES``)
+    and the GPU an NVIDIA Hopper or later; the interpreter (tests) always honours the flags.
     """
     from flashfuse.kernels import flash_fwd_sm90 as sm90
 
@@ -277,12 +277,11 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor, Sq: int, Sk: int) -> bool:
         return False
     if _interpreting():
         return True
-    B, Hq = a.shape[0], max(a.shape[1], b.shape[1])
     return (
         a.device.type == "cuda"
         and torch.version.hip is None
         and torch.cuda.get_device_capability(a.device)[0] >= 9
-        and B * Hq * Sq * Sk >= sm90._HOST_MIN_SCORES
+        and scores >= sm90._HOST_MIN_SCORES
     )
 
 
@@ -979,7 +978,7 @@ def flash_attention_backward(
     }
 
     # per pass: can host descriptors carry its loop tiles (what a config's dq_tma / dkdv_tma can turn on)
-    tma_kv, tma_dq = _tma_ok(q, grad_out, Sq, Sk), _tma_ok(k, v, Sq, Sk)
+    tma_kv, tma_dq = _tma_ok(q, grad_out, B * Hq * Sq * Sk), _tma_ok(k, v, B * Hq * Sq * Sk)
     # a config shrunk with or without TMA must not be reused for calls in the other state
     key = (D, Dv, q.dtype, None if mask is None else mask_arg.dtype, device, tma_kv, tma_dq)
     cfg = _FITTED.get(key) or _pick_config(max(D, Dv), q.dtype, device)

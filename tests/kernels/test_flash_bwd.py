@@ -609,8 +609,8 @@ def test_tma_is_skipped_where_descriptors_cannot_carry_the_call(monkeypatch):
     assert made == []
     q, k, v = _qkv(1, 2, 1, 20, 20, 16, FP32, "cpu")
     kb, vb = k.expand(1, 2, 20, 16), v.expand(1, 2, 20, 16)
-    assert not flash_bwd._tma_ok(kb, vb, 20, 20)
-    assert flash_bwd._tma_ok(k, v, 20, 20) and flash_bwd._tma_ok(q, q, 20, 20)
+    assert not flash_bwd._tma_ok(kb, vb, 800)
+    assert flash_bwd._tma_ok(k, v, 800) and flash_bwd._tma_ok(q, q, 800)
     _check(q, kb, vb, window_right=0)
     assert made == [16, 16]  # Q and dO of the dK/dV pass (block_m1 rows); no K/V descriptors
 
