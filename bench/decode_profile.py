@@ -64,9 +64,8 @@ def main() -> None:
                 by.setdefault(x.name[:40], []).append(us)
         kv_bytes = (k.numel() + v.numel()) * k.element_size()
         print(f"B={B} Sk={Sk} {plan(q, k, v, **band)}")
-        print(
-            f"   graph {per:.2f} us/call = {kv_bytes / per / 1e6:.2f} TB/s ({kv_bytes / per / 1e6 / copy_tbs:.0%} of copy)"
-        )
+        tbs = kv_bytes / per / 1e6
+        print(f"   graph {per:.2f} us/call = {tbs:.2f} TB/s ({tbs / copy_tbs:.0%} of copy)")
         for name, ts in by.items():
             ts = sorted(ts)
             print(f"   {name:40s} n={len(ts)} median {ts[len(ts) // 2]:.2f} us")

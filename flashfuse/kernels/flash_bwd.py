@@ -302,7 +302,8 @@ def _smaller(cfg: BwdConfig, pass_: str = "dkdv") -> BwdConfig | None:
     return None
 
 
-# (D, Dv, dtype, mask dtype, device) -> the config that compiled; filled on first launch
+# (D, Dv, dtype, mask dtype, device, TMA possible in the dK/dV pass, in the dQ pass) -> the config that compiled;
+# filled on first launch
 _FITTED: dict[tuple, BwdConfig] = {}
 
 

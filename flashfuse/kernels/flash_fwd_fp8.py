@@ -23,10 +23,11 @@ Two passes:
    tile must have the keys contiguous. (Triton's tutorial 06 prepares fp8 V the same way, with a
    permute-contiguous-permute; here the transpose is part of the quantization pass, free.)
 2. **Attention** (``_attn_fwd_fp8``), modelled on ``flash_fwd_sm90``: tensor descriptors (TMA) for Q8, K8, V
-   (or V8ᵀ) and the output, built in each program or, with the config flag ``host``, once on the host over the
-   whole 4-D tensors (V8ᵀ's descriptor ends at Sk, so its padding columns read as zeros); key blocks split by ``flash_fwd._key_blocks`` into the blocks fully
-   inside the band (no index arithmetic) and the edge blocks (the causal diagonal, the ragged end of the
-   keys); heavy query tiles first for causal; exp2 with the constants folded in. Per key block:
+   (or V8ᵀ) and the output, built in each program or, with the config flag ``host``, once on the host over
+   the whole 4-D tensors (V8ᵀ's descriptor ends at Sk, so its padding columns read as zeros); key blocks
+   split by ``flash_fwd._key_blocks`` into the blocks fully inside the band (no index arithmetic) and the
+   edge blocks (the causal diagonal, the ragged end of the keys); heavy query tiles first for causal; exp2
+   with the constants folded in. Per key block:
 
    * ``qk = dot(q8, k8ᵀ)``: K8 tile ``[BLOCK_N, D]`` with D contiguous, so ``k8ᵀ`` is K-major as it must be.
      int32 becomes fp32 with the magic-number trick (``bitcast(i + 0x4B400000) - 2^23 - 2^22``, exact for
@@ -48,9 +49,9 @@ Two passes:
 Tiles: BLOCK_M x BLOCK_N with the whole head dim; shared memory per stage is ``BLOCK_N * D`` bytes of K8 plus
 ``BLOCK_N * D`` bytes (e4m3 V) or twice that (16-bit V), half of the bf16 kernel's K tile, so 3 stages fit at
 D = 128 with 128x128 tiles. Config choice as flash_fwd_sm90: ``config=`` / ``FLASHFUSE_FP8_CONFIG``
-(``"128,128,8,3[,ws][,notma][,host][,nopromote]"``), ``TUNED_CONFIGS``, an in-process autotune (``FLASHFUSE_FP8_AUTOTUNE=0``:
-off), a default; a config that does not compile falls back (WS off, then plain loads), one that overflows
-shared memory shrinks.
+(``"128,128,8,3[,ws][,notma][,host][,nopromote]"``), ``TUNED_CONFIGS``, an in-process autotune
+(``FLASHFUSE_FP8_AUTOTUNE=0``: off), a default; a config that does not compile falls back (WS off, then
+device-built descriptors, then plain loads), one that overflows shared memory shrinks.
 
 Semantics: ``out = softmax(q kᵀ * scale) v`` with ``causal``: key ``j`` kept for query ``i`` iff ``j <= i``
 (the op's ``window_right = 0``, top-left aligned; every row keeps key 0, so no row is empty). GQA by the head
@@ -76,8 +77,9 @@ import triton.language as tl
 from flashfuse import fp8 as _fp8
 from flashfuse.kernels.flash_fwd import _key_blocks
 
-# _sk_bucket (autotune cache buckets) and the fallback launch loop (shrink after a shared-memory overflow, drop WS
-# then TMA after a compile failure: it reads only fields both config classes have) are the Hopper kernel's
+# _sk_bucket (autotune cache buckets) and the fallback launch loop (shrink after a shared-memory overflow, drop WS,
+# then host descriptors, then TMA after a compile failure: it reads only fields the config has) are the Hopper
+# kernel's
 from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _sk_bucket
 from flashfuse.kernels.flash_fwd_sm90 import _HOST_MIN_SCORES, _host_desc, _host_descriptors_ok
 from flashfuse.kernels.flash_fwd_sm90 import _launch_with_fallback as _sm90_launch_with_fallback
@@ -667,7 +669,7 @@ _FITTED: dict[tuple, Fp8Config] = {}
 
 
 def _launch_with_fallback(launch: _Launch, cfg: Fp8Config, fit_key: tuple) -> Fp8Config:
-    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer (WS, then TMA):
+    """Launch ``cfg``; on a shared-memory overflow shrink it, on a compile failure make it plainer (WS, host, TMA):
     ``flash_fwd_sm90``'s loop, with this kernel's ``_FITTED``."""
     return _sm90_launch_with_fallback(launch, cfg, fit_key, fitted=_FITTED, name="flash_fwd_fp8")
 
@@ -682,6 +684,8 @@ def _autotune(launch: _Launch, key: tuple, fit_key: tuple, head_dim: int, tma: b
 
     best, best_ms = None, math.inf
     for cand in candidate_configs(head_dim):
+        if cand.host and not (tma and launch.host_ok):
+            continue  # it would run as its non-host twin, already in the list
         cand = cand if tma else replace(cand, tma=False)
         try:
             fitted = _launch_with_fallback(launch, cand, fit_key)
@@ -750,8 +754,8 @@ def flash_attention_forward_fp8(
     ``q: [B, Hq, Sq, D]``, ``k, v: [B, Hkv, Sk, D]`` (any strides, ``Hq % Hkv == 0``, D in 64/128/256, fp16/bf16),
     ``scale=None`` is ``1/sqrt(D)``; ``causal``: key ``j <= `` query ``i``. ``scheme``: a name of
     ``flashfuse.fp8.SCHEMES`` or an ``Fp8Scheme`` (None: ``FLASHFUSE_FP8_SCHEME``, else ``"int8qk"``).
-    ``config`` forces a kernel config (an ``Fp8Config`` or ``"128,128,8,3[,ws][,notma][,nopromote]"``); ``autotune``
-    overrides ``FLASHFUSE_FP8_AUTOTUNE``. Bad arguments raise ``ValueError`` naming the argument; a call the
+    ``config`` forces a kernel config (an ``Fp8Config`` or ``"128,128,8,3[,ws][,notma][,host][,nopromote]"``);
+    ``autotune`` overrides ``FLASHFUSE_FP8_AUTOTUNE``. Bad arguments raise ``ValueError`` naming the argument; a call the
     kernel cannot run raises ``ValueError`` with ``supports``' reason.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -781,9 +785,11 @@ def flash_attention_forward_fp8(
     if cfg is not None and not tma:
         cfg = replace(cfg, tma=False)
     launch = _build(qi, out, scale, causal, sch, q.dtype)
-    fit_key = (D, q.dtype, sch, q.device)
+    # host_ok in both keys: a config fitted or tuned where host descriptors could not be used is not reused unmeasured
+    # where they can (and the other way round)
+    fit_key = (D, q.dtype, sch, q.device, launch.host_ok)
     if cfg is None:
-        key = (torch.cuda.get_device_name(q.device), D, str(q.dtype), causal, sch, _sk_bucket(Sk), tma)
+        key = (torch.cuda.get_device_name(q.device), D, str(q.dtype), causal, sch, _sk_bucket(Sk), tma, launch.host_ok)
         cfg = _autotune(launch, key, fit_key, D, tma)
         source = "autotune"
     used = _launch_with_fallback(launch, cfg, fit_key)

@@ -516,7 +516,7 @@ def _smaller(cfg):
 
 def _plainer(cfg: Sm90Config) -> Sm90Config | None:
     """The next config after a compile failure: drop WS, host descriptors, the persistent loop, then TMA (of the
-    knobs ``cfg`` has: ``flash_fwd_fp8``'s configs have WS and TMA only)."""
+    knobs ``cfg`` has: ``flash_fwd_fp8``'s configs have WS, host and TMA, no persistent)."""
     for name in ("ws", "host", "persistent", "tma"):
         if getattr(cfg, name, False):
             return replace(cfg, **{name: False})

@@ -260,6 +260,23 @@ def test_config_parse():
         assert all(c.block_n >= 32 for c in k8.candidate_configs(d))  # one fp8 wgmma has K = 32
 
 
+def test_autotune_tries_host_copies_only_where_host_descriptors_run(monkeypatch):
+    """Where the call cannot use host descriptors (small, or V without TMA) a ``host`` candidate would run as its
+    non-host twin: the autotune skips it instead of timing a duplicate that could win by noise."""
+    import types
+
+    import triton.testing
+
+    tried = []
+    monkeypatch.setattr(k8, "_launch_with_fallback", lambda launch, cfg, fit_key: tried.append(cfg) or cfg)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.0)
+    monkeypatch.setattr(k8, "_MEMO", {})
+    for host_ok, tma, hosts in ((False, True, 0), (True, False, 0), (True, True, 2)):
+        tried.clear()
+        k8._autotune(types.SimpleNamespace(host_ok=host_ok, run=lambda c: None), (host_ok, tma), (), 128, tma)
+        assert sum(c.host for c in tried) == hosts and len(tried) == len(k8._CANDIDATES[128]) + hosts
+
+
 def _reason(q, k, v, **kw):
     return supports(q, k, v, **kw)
 
@@ -396,10 +413,11 @@ def test_gpu_host_descriptors(scheme, monkeypatch):
     built = []
     real = k8._Launch._host_descs
     monkeypatch.setattr(k8._Launch, "_host_descs", lambda self, cfg: built.append(cfg) or real(self, cfg))
-    q, k, v = _qkv(1, 8, 2, 2048, 2047, 128, BF16, "cuda")
-    for cfg in [c for c in k8.candidate_configs(128) if c.host]:
-        _check_gpu(q, k, v, causal=True, scheme=scheme, config=cfg)
-    assert len(built) == 2
+    q, k, v = _qkv(2, 8, 2, 2000, 2047, 128, BF16, "cuda", "bshd")  # a ragged last query block, two batches
+    for causal in (False, True):
+        for cfg in [c for c in k8.candidate_configs(128) if c.host]:
+            _check_gpu(q, k, v, causal=causal, scheme=scheme, config=cfg)
+    assert len(built) == 4
 
 
 @pytest.mark.gpu
