@@ -8,7 +8,7 @@
 # PLAN=final:  the forward table (kernel and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the
 #              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
 # PLAN=fp8:    the FP8 kernel's GPU tests (host descriptors, every candidate, long sequences), then the FP8 rows
-#              autotuned (host-descriptor candidates included) next to the bf16 kernel and cuDNN.
+#              autotuned with the host-descriptor candidates (FLASHFUSE_FP8_HOST=1) next to the bf16 kernel and cuDNN.
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
@@ -81,7 +81,7 @@ bwd)
 fp8)
   step fp8_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
     tests/kernels/test_flash_fwd_fp8.py -k "host or candidate or long"
-  step fp8_table 200 "$OUT/bench.txt" env FLASHFUSE_FP8_AUTOTUNE=1 python3 -m flashfuse.bench --dtypes bf16 \
+  step fp8_table 200 "$OUT/bench.txt" env FLASHFUSE_FP8_AUTOTUNE=1 FLASHFUSE_FP8_HOST=1 python3 -m flashfuse.bench --dtypes bf16 \
     --dims 128 --seqs 16384,4096,1024 --cases full,causal --methods flashfuse,flashfuse_fp8,sdpa_cudnn --rep 60 \
     --budget-s 180 --csv "$OUT/fp8.csv"
   ;;

@@ -430,12 +430,19 @@ _INTERPRETER_CONFIG = Fp8Config(32, 16, 4, 1)  # numpy per tl op: small tiles, s
 TUNED_CONFIGS: dict[tuple[int, bool, str, int], tuple] = {}
 
 
-def candidate_configs(head_dim: int, *, ws: bool = False) -> list[Fp8Config]:
-    """The list the autotune tries for one head dim: the tiles, then host-descriptor copies of the first two (the
-    lever that gave the bf16 kernel 5-28%; unmeasured here as of 2026-11-30); ``ws=True`` adds warp-specialized
-    copies."""
+# NOTE: the host-descriptor candidates are off in the autotune until they have run on a GPU (written 2026-11-30
+# without one; the interpreter checks them bit for bit against the device-built descriptors, and the bf16 kernel's
+# identical mechanism gained 5-28% on the H200). FLASHFUSE_FP8_HOST=1 adds them (bench/gpu_h200.sh PLAN=fp8 does).
+def _host_candidates() -> bool:
+    return os.environ.get("FLASHFUSE_FP8_HOST", "0") == "1"
+
+
+def candidate_configs(head_dim: int, *, ws: bool = False, host: bool | None = None) -> list[Fp8Config]:
+    """The list the autotune tries for one head dim: the tiles; ``host=True`` (default: ``FLASHFUSE_FP8_HOST=1``)
+    adds host-descriptor copies of the first two; ``ws=True`` warp-specialized copies."""
     out = list(_CANDIDATES[head_dim])
-    out += [replace(c, host=True) for c in out[:2]]
+    if _host_candidates() if host is None else host:
+        out += [replace(c, host=True) for c in out[:2]]
     if ws:
         out += [replace(c, ws=True) for c in out[:2]]
     return out

@@ -251,7 +251,9 @@ def test_config_parse():
     assert Fp8Config.parse("64,64,4,2,nopromote") == Fp8Config(64, 64, 4, 2, promote=False)
     assert Fp8Config.parse("128,128,8,3,host") == Fp8Config(128, 128, 8, 3, host=True)
     assert str(Fp8Config(128, 128, 8, 3, host=True)) == "128x128 w8 s3 host"
-    assert [c for c in k8.candidate_configs(128) if c.host] == [replace(c, host=True) for c in k8._CANDIDATES[128][:2]]
+    hosts = [replace(c, host=True) for c in k8._CANDIDATES[128][:2]]
+    assert [c for c in k8.candidate_configs(128, host=True) if c.host] == hosts
+    assert not any(c.host for c in k8.candidate_configs(128, host=False))
     for bad in ("128,64", "128,64,8,3,fast"):
         with pytest.raises(ValueError, match="config"):
             Fp8Config.parse(bad)
@@ -268,6 +270,7 @@ def test_autotune_tries_host_copies_only_where_host_descriptors_run(monkeypatch)
     import triton.testing
 
     tried = []
+    monkeypatch.setenv("FLASHFUSE_FP8_HOST", "1")
     monkeypatch.setattr(k8, "_launch_with_fallback", lambda launch, cfg, fit_key: tried.append(cfg) or cfg)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1.0)
     monkeypatch.setattr(k8, "_MEMO", {})
@@ -275,6 +278,10 @@ def test_autotune_tries_host_copies_only_where_host_descriptors_run(monkeypatch)
         tried.clear()
         k8._autotune(types.SimpleNamespace(host_ok=host_ok, run=lambda c: None), (host_ok, tma), (), 128, tma)
         assert sum(c.host for c in tried) == hosts and len(tried) == len(k8._CANDIDATES[128]) + hosts
+    monkeypatch.setenv("FLASHFUSE_FP8_HOST", "0")  # the default until measured on a GPU: no host candidates
+    tried.clear()
+    k8._autotune(types.SimpleNamespace(host_ok=True, run=lambda c: None), "off", (), 128, True)
+    assert not any(c.host for c in tried)
 
 
 def _reason(q, k, v, **kw):
@@ -415,7 +422,7 @@ def test_gpu_host_descriptors(scheme, monkeypatch):
     monkeypatch.setattr(k8._Launch, "_host_descs", lambda self, cfg: built.append(cfg) or real(self, cfg))
     q, k, v = _qkv(2, 8, 2, 2000, 2047, 128, BF16, "cuda", "bshd")  # a ragged last query block, two batches
     for causal in (False, True):
-        for cfg in [c for c in k8.candidate_configs(128) if c.host]:
+        for cfg in [c for c in k8.candidate_configs(128, host=True) if c.host]:
             _check_gpu(q, k, v, causal=causal, scheme=scheme, config=cfg)
     assert len(built) == 4
 
