@@ -170,9 +170,9 @@ def _cudnn_path_refusal(q, k, v, mask, window_left, window_right, softcap, sinks
     user must not lose speed by choosing flashfuse. Exactly the same case: no mask tensor, no sinks, no
     soft-capping, no dropout, Hq a multiple of Hkv (cuDNN reads the shared K/V heads itself, as SDPA's
     ``enable_gqa``), fp16/bf16, head dim 64 or 128 (and 256 on Hopper: ``_cudnn_head_dims``), and either no band
-    or the causal band with Sq == Sk (cuDNN's
-    is_causal is then the same mask; no row is ever empty, so ``mask_fill`` cannot matter). The backward takes
-    the same decision from the same arguments (``_cudnn_backward``). ``FLASHFUSE_SDPA=0`` turns the path off.
+    or the causal band with Sq == Sk (cuDNN's is_causal is then the same mask; no row is ever empty, so
+    ``mask_fill`` cannot matter). The backward takes the same decision from the same arguments
+    (``_cudnn_backward``). ``FLASHFUSE_SDPA=0`` turns the path off.
     """
     if os.environ.get("FLASHFUSE_SDPA", "1") == "0":
         return "turned off (FLASHFUSE_SDPA=0)"

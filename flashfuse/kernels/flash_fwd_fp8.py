@@ -619,7 +619,6 @@ class _Launch:
         else:
             _attn_fwd_fp8[grid](*args, **kwargs)
 
-
     def _host_descs(self, cfg: Fp8Config) -> list:
         q8, k8, v, out = self.args[:4]
         if self.meta["PV_FP8"]:
@@ -762,8 +761,8 @@ def flash_attention_forward_fp8(
     ``scale=None`` is ``1/sqrt(D)``; ``causal``: key ``j <= `` query ``i``. ``scheme``: a name of
     ``flashfuse.fp8.SCHEMES`` or an ``Fp8Scheme`` (None: ``FLASHFUSE_FP8_SCHEME``, else ``"int8qk"``).
     ``config`` forces a kernel config (an ``Fp8Config`` or ``"128,128,8,3[,ws][,notma][,host][,nopromote]"``);
-    ``autotune`` overrides ``FLASHFUSE_FP8_AUTOTUNE``. Bad arguments raise ``ValueError`` naming the argument; a call the
-    kernel cannot run raises ``ValueError`` with ``supports``' reason.
+    ``autotune`` overrides ``FLASHFUSE_FP8_AUTOTUNE``. Bad arguments raise ``ValueError`` naming the argument; a
+    call the kernel cannot run raises ``ValueError`` with ``supports``' reason.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -796,7 +795,8 @@ def flash_attention_forward_fp8(
     # where they can (and the other way round)
     fit_key = (D, q.dtype, sch, q.device, launch.host_ok)
     if cfg is None:
-        key = (torch.cuda.get_device_name(q.device), D, str(q.dtype), causal, sch, _sk_bucket(Sk), tma, launch.host_ok)
+        key = (torch.cuda.get_device_name(q.device), D, str(q.dtype), causal, sch, _sk_bucket(Sk), tma,
+               launch.host_ok)
         cfg = _autotune(launch, key, fit_key, D, tma)
         source = "autotune"
     used = _launch_with_fallback(launch, cfg, fit_key)
