@@ -252,8 +252,8 @@ def test_op_hands_plain_and_causal_attention_to_cudnn_with_the_same_lse_and_grad
     from flashfuse.kernels import flash_bwd
     from flashfuse.testing import attention_backward_ref
 
-    if d == 256 and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the cuDNN path takes head dim 256 on Hopper and later only")
+    if d not in ops._cudnn_head_dims(torch.device("cuda")):
+        pytest.skip(f"the cuDNN path does not take head dim {d} on this GPU / cuDNN (sm90 and cuDNN >= 9.1 only)")
     if backward == "triton":
         monkeypatch.setattr(ops, "_CUDNN_BWD_BROKEN", ["turned off by the test"])
     launches = []

@@ -559,7 +559,7 @@ def test_the_dq_pass_launches_with_its_own_warps_and_stages():
 
 
 # ----------------------------------------------------------------------------------------------
-# host TMA descriptors for the loop tiles (BwdConfig.tma)
+# host TMA descriptors for the loop tiles (BwdConfig.dq_tma, BwdConfig.dkdv_tma)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import math
 import warnings
-
 from dataclasses import replace
 
 import pytest
