@@ -72,6 +72,7 @@ CANDIDATES: dict[int, list[tuple[int, ...]]] = {
         (16, 128, 128, 16, 4, 3),
         (64, 128, 128, 32, 8, 3),
         (32, 128, 64, 64, 4, 2),
+        (64, 64, 64, 64, 4, 3, 0, 0, 1, 1),
     ],
     128: [
         (32, 64, 64, 32, 8, 2),
@@ -86,6 +87,10 @@ CANDIDATES: dict[int, list[tuple[int, ...]]] = {
         (32, 128, 128, 64, 8, 3),
         (64, 128, 128, 32, 8, 2),
         (16, 64, 64, 16, 4, 3),
+        # TMA (fields 9-10: dq_tma, dkdv_tma, written as _fields normalises them; session 5: the dQ pass gained,
+        # the dK/dV pass lost at this D)
+        (64, 128, 128, 64, 8, 3, 8, 3, 1, 1),
+        (32, 128, 128, 64, 8, 2, 8, 3, 1),
     ],
     256: [
         (16, 32, 32, 16, 8, 1),
@@ -96,6 +101,8 @@ CANDIDATES: dict[int, list[tuple[int, ...]]] = {
         (32, 64, 64, 32, 8, 2),
         (64, 64, 64, 64, 8, 1),
         (16, 64, 64, 32, 8, 2),
+        (64, 64, 64, 64, 8, 2, 0, 0, 1),
+        (64, 64, 64, 64, 8, 2, 8, 3, 1, 1),
     ],
 }
 # --tiny (interpreter): D=16, tiles that still give several blocks at S=64
