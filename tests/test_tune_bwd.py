@@ -65,3 +65,21 @@ def test_tune_bwd_cpu_tiny():
         assert len(cells[3].split(" / ")) == 3, row
     assert "TUNED_BWD_CONFIGS = {" in out
     assert sum("BwdConfig(block_m1=" in ln for ln in lines if ln.startswith("    (16, 64,")) == 4, out
+
+
+def test_candidate_lists_are_written_as_the_sweep_reports_them():
+    """Every candidate tuple is a valid BwdConfig and already in ``_fields``' normal form (the 9th/10th TMA fields
+    only when set), so the sweep's "measured" bookkeeping, which holds normal forms, never times one twice."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import tune_bwd
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from flashfuse.kernels.flash_bwd import BwdConfig
+
+    lists = [*tune_bwd.CANDIDATES.values(), tune_bwd.CANDIDATES_TINY]
+    assert any(len(c) > 8 for cands in lists for c in cands)  # the TMA variants are in the sweep
+    for cands in lists:
+        for c in cands:
+            assert tune_bwd._fields(BwdConfig(*c)) == tuple(c), c
+            assert tune_bwd.parse_config(",".join(map(str, c))) == tuple(c)
