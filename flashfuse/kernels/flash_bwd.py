@@ -239,10 +239,10 @@ def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> BwdConfig:
 
     TMA (2026-11-30, same card and sweep tool, S = 4k, B = 4): host descriptors for the dQ pass's K and V tiles
     made that pass 20-25% faster at D = 128 (causal MHA 0.93 -> 0.73 ms, GQA 32/8 1.79 -> 1.38, full MHA
-    1.67 -> 1.25) and 6-8% at D = 64;
-    for the dK/dV pass's Q and dO tiles they were slower at D = 64 and 128 (GQA causal 2.38 -> 2.86 ms) and
-    faster at D = 256, where they also let two stages fit: D = 256 causal 119 -> 178 TFLOP/s of backward (GQA
-    147 -> 213). Backward TFLOP/s at D = 128 with dq_tma: causal 323 (MHA) / 359 (GQA), full 350 / 398.
+    1.67 -> 1.25) and 6-8% at D = 64; for the dK/dV pass's Q and dO tiles they were slower at D = 64 and 128
+    (GQA causal 2.38 -> 2.86 ms) and faster at D = 256, where two stages with TMA in both passes took the
+    backward from 119 to 178 TFLOP/s (GQA 147 -> 213; two stages without TMA: 157 / 163). Backward TFLOP/s at
+    D = 128 with dq_tma: causal 323 (MHA) / 359 (GQA), full 350 / 398.
     """
     if _interpreting() or device.type != "cuda":
         # Interpreter: cost ~ number of tl ops; 16x32 / 32x16 tiles still give several blocks at S = 97.
