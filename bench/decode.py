@@ -118,6 +118,17 @@ def _n_sets(kv_bytes: int, device: str) -> int:
     return max(2, min(16, math.ceil(4 * _l2_bytes(device) / max(kv_bytes, 1))))
 
 
+def capture(fns, n: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``n`` calls of ``fns`` in turn, replayed once (warm) before it is returned."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def _graph_ms(fns, device: str, target_ms: float = 2.0, replays: int = 5) -> float:
     """ms per call of ``fns`` (one per K/V set, called in turn) replayed from one CUDA graph; NaN off the GPU.
 
@@ -142,12 +153,7 @@ def _graph_ms(fns, device: str, target_ms: float = 2.0, replays: int = 5) -> flo
     est = max(start.elapsed_time(end) / len(fns), 1e-3)  # eager: an over-estimate where host-bound (fewer calls)
     n = min(max(round(target_ms / est), 20), 1000)
     n = math.ceil(n / len(fns)) * len(fns)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n):
-            fns[i % len(fns)]()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture(fns, n)
     times = []
     for _ in range(replays):
         start.record()

@@ -20,25 +20,6 @@ import decode as D  # noqa: E402 -- bench/decode.py's input and graph helpers
 from flashfuse.kernels.flash_decode import flash_decode_forward, plan  # noqa: E402
 
 
-def _graph(fns, n: int) -> torch.cuda.CUDAGraph:
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    return g
-
-
-def _us_per_call(g: torch.cuda.CUDAGraph, n: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n * 1e3
-
-
 def main() -> None:
     dev = "cuda"
     copy_tbs = D.copy_bandwidth(dev, 100) / 1e3
@@ -49,11 +30,8 @@ def main() -> None:
         band = {"window_right": Sk - 1}
         sets = D._graph_sets((q, k, v), dev)
         fns = [lambda s=s: flash_decode_forward(*s, scale=scale, **band) for s in sets]
-        for f in fns:
-            f()
-        n = 40 * len(sets)
-        g = _graph(fns, n)
-        per = _us_per_call(g, n)
+        per = D._graph_ms(fns, dev) * 1e3  # us per call, median of replays (compiles and plans first)
+        g = D.capture(fns, 40 * len(sets))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             g.replay()
             torch.cuda.synchronize()
@@ -71,10 +49,9 @@ def main() -> None:
             print(f"   {name:40s} n={len(ts)} median {ts[len(ts) // 2]:.2f} us")
         # the floor of one bandwidth-bound kernel at this size: a copy of K (reads and writes kv_bytes / 2 each)
         ys = [torch.empty_like(st[1]) for st in sets]
-        g2 = _graph([lambda st=st, y=y: y.copy_(st[1]) for st, y in zip(sets, ys)], n)
-        cper = _us_per_call(g2, n)
+        cper = D._graph_ms([lambda st=st, y=y: y.copy_(st[1]) for st, y in zip(sets, ys)], dev) * 1e3
         print(f"   copy of K in a graph: {cper:.2f} us = {kv_bytes / cper / 1e6:.2f} TB/s of traffic")
-        del g, g2, sets, fns, ys
+        del g, sets, fns, ys
         torch.cuda.empty_cache()
 
 
