@@ -9,6 +9,7 @@
 #              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
 # PLAN=fp8:    the FP8 kernel's GPU tests (host descriptors, every candidate, long sequences), then the FP8 rows
 #              autotuned with the host-descriptor candidates (FLASHFUSE_FP8_HOST=1) next to the bf16 kernel and cuDNN.
+# PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
@@ -85,6 +86,19 @@ fp8)
     --dims 128 --seqs 16384,4096,1024 --cases full,causal --methods flashfuse,flashfuse_fp8,sdpa_cudnn --rep 60 \
     --budget-s 180 --csv "$OUT/fp8.csv"
   ;;
+fp8ab)  # FP8 device vs host descriptors head to head (forced configs), the unreached backward GPU cases, the
+  # full 16-layer model (training and prefill) for flashfuse, plain torch.compile and sdpa + torch.compile
+  step fp8_host_tests 120 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_fwd_fp8.py -k "host or long"
+  for c in "128,128,8,3" "128,128,8,3,host" "128,128,8,2" "128,128,8,2,host"; do
+    step "fp8 $c" 45 "$OUT/bench.txt" env FLASHFUSE_FP8_CONFIG="$c" python3 -m flashfuse.bench --dtypes bf16 \
+      --dims 128 --seqs 16384,4096 --cases full,causal --methods flashfuse_fp8 --rep 40 --budget-s 35
+  done
+  step bwd_tests 90 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/kernels/test_flash_bwd.py -k "long_sequences and dtype1 and causal and not nocausal and (64-1000 or 128 or 256-4096)"
+  step models16 240 "$OUT/models.txt" python3 bench/models.py --layers 16 --tasks train,prefill \
+    --methods flashfuse,torch_compile,sdpa_compile --budget-s 200
+  ;;
 generate)
   step generate "${GEN_LIMIT:-200}" "$OUT/generate.txt" python3 bench/generate.py \
     ${GEN_ARGS:---layers 4 --batch 1 16 --new-tokens 32 --reps 2}
@@ -99,5 +113,6 @@ esac
   [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
   [ -f "$OUT/bench.txt" ] && grep -E "^\|" "$OUT/bench.txt" | tail -40
   [ -f "$OUT/generate.txt" ] && grep -E "^\|" "$OUT/generate.txt" | tail -10
+  [ -f "$OUT/models.txt" ] && grep -vE "^\s*$" "$OUT/models.txt" | tail -16
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"

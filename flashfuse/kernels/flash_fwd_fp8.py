@@ -422,7 +422,9 @@ _CANDIDATES: dict[int, list[Fp8Config]] = {
     128: [_C(128, 128, 8, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(64, 64, 4, 3)],
     256: [_C(128, 64, 8, 2), _C(128, 128, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 3)],
 }
-_DEFAULT: dict[int, Fp8Config] = {64: _C(128, 128, 8, 3), 128: _C(128, 128, 8, 3), 256: _C(128, 64, 8, 2)}
+# D = 128's default: the fastest of the forced tiles at S = 4k (above); it runs as its non-host twin where host
+# descriptors cannot be used (``_Launch.host_ok``)
+_DEFAULT: dict[int, Fp8Config] = {64: _C(128, 128, 8, 3), 128: _C(128, 128, 8, 2, host=True), 256: _C(128, 64, 8, 2)}
 _INTERPRETER_CONFIG = Fp8Config(32, 16, 4, 1)  # numpy per tl op: small tiles, several key blocks per row
 
 # (head dim, causal, scheme name, key-length bucket) -> (block_m, block_n, num_warps, num_stages, ws, tma[, host]).
@@ -430,15 +432,16 @@ _INTERPRETER_CONFIG = Fp8Config(32, 16, 4, 1)  # numpy per tl op: small tiles, s
 TUNED_CONFIGS: dict[tuple[int, bool, str, int], tuple] = {}
 
 
-# NOTE: the host-descriptor candidates are off in the autotune until they have run on a GPU (written 2026-11-30
-# without one; the interpreter checks them bit for bit against the device-built descriptors, and the bf16 kernel's
-# identical mechanism gained 5-28% on the H200). FLASHFUSE_FP8_HOST=1 adds them (bench/gpu_h200.sh PLAN=fp8 does).
+# The host-descriptor copies of the first two candidates join the autotune (``FLASHFUSE_FP8_HOST=0`` leaves them
+# out). H200, 2026-11-30 (session 6, bench/RESULTS.md), int8qk, D = 128, the same tiles forced with and without
+# ``host``: full S = 4k 417 -> 430 (8 warps, 3 stages) and 423 -> 447 TFLOP/s (2 stages), causal S = 4k 332 -> 356
+# and 334 -> 363, S = 16k within 1-3% either way; the GPU test of the host path passed.
 def _host_candidates() -> bool:
-    return os.environ.get("FLASHFUSE_FP8_HOST", "0") == "1"
+    return os.environ.get("FLASHFUSE_FP8_HOST", "1") != "0"
 
 
 def candidate_configs(head_dim: int, *, ws: bool = False, host: bool | None = None) -> list[Fp8Config]:
-    """The list the autotune tries for one head dim: the tiles; ``host=True`` (default: ``FLASHFUSE_FP8_HOST=1``)
+    """The list the autotune tries for one head dim: the tiles; ``host=True`` (default: unless ``FLASHFUSE_FP8_HOST=0``)
     adds host-descriptor copies of the first two; ``ws=True`` warp-specialized copies."""
     out = list(_CANDIDATES[head_dim])
     if _host_candidates() if host is None else host:

@@ -277,7 +277,11 @@ def test_autotune_tries_host_copies_only_where_host_descriptors_run(monkeypatch)
         tried.clear()
         k8._autotune(types.SimpleNamespace(host_ok=host_ok, run=lambda c: None), (host_ok, tma), (), 128, tma)
         assert sum(c.host for c in tried) == hosts and len(tried) == len(k8._CANDIDATES[128]) + hosts
-    monkeypatch.setenv("FLASHFUSE_FP8_HOST", "0")  # the default until measured on a GPU: no host candidates
+    monkeypatch.delenv("FLASHFUSE_FP8_HOST")  # the default (measured on the H200): host copies where they run
+    tried.clear()
+    k8._autotune(types.SimpleNamespace(host_ok=True, run=lambda c: None), "dflt", (), 128, True)
+    assert [c for c in tried if c.host] == [replace(c, host=True) for c in k8._CANDIDATES[128][:2]]
+    monkeypatch.setenv("FLASHFUSE_FP8_HOST", "0")  # turned off: no host candidates
     tried.clear()
     k8._autotune(types.SimpleNamespace(host_ok=True, run=lambda c: None), "off", (), 128, True)
     assert not any(c.host for c in tried)
