@@ -210,6 +210,7 @@ def _cudnn_forward(q, k, v, scale, *, causal: bool):
         else:
             broken = _CUDNN_GQA_BROKEN if q.shape[1] != k.shape[1] else _CUDNN_BROKEN
         broken.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+        _CUDNN_CALLS.clear()
         warnings.warn(f"flashfuse: the cuDNN path failed ({broken[0]}); using flashfuse's Triton kernels",
                       RuntimeWarning, stacklevel=2)
         return None
@@ -241,6 +242,37 @@ def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
         warnings.warn(f"flashfuse: the cuDNN backward failed ({broken[0]}); using flashfuse's Triton "
                       "backward kernels", RuntimeWarning, stacklevel=2)
         return None
+
+
+# NOTE: the cuDNN path's hot path. A call the checks of ``_attention`` sent to cuDNN's forward is remembered by
+# its key: everything those checks read (shapes, strides, dtypes, devices, the scalars, the two switches in the
+# environment) -- so the same key proves them all again, and a repeated call (every layer of a model, every step)
+# skips the validation, the decode kernel's test and the path refusals (~15 us of the op's host time, measured on
+# the CPU: what a short, host-bound call, e.g. causal S = 512, pays on top of cuDNN's own launch). Keys with a mask
+# or sinks are never kept (those calls never take the path). Any cuDNN failure empties the table
+# (``_cudnn_forward``), and the hot path is skipped while a failure is recorded.
+_CUDNN_CALLS: dict[tuple, bool] = {}  # call key -> causal
+_CUDNN_CALLS_MAX = 512
+
+
+def _cudnn_call_key(q, k, v, scale, window_left, window_right, softcap, dropout_p, probe_mask) -> tuple:
+    env = os.environ
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, scale, window_left, window_right, softcap, dropout_p, probe_mask,
+            env.get("FLASHFUSE_SDPA"), env.get("FLASHFUSE_DECODE"))
+
+
+def _cudnn_known(key: tuple) -> bool | None:
+    """The ``causal`` flag of a call key the checks sent to cuDNN before; None if unknown or cuDNN failed since."""
+    if _CUDNN_BROKEN or _CUDNN_GQA_BROKEN or _CUDNN_WIDE_BROKEN:
+        return None
+    return _CUDNN_CALLS.get(key)
+
+
+def _remember_cudnn(key: tuple, causal: bool) -> None:
+    if len(_CUDNN_CALLS) >= _CUDNN_CALLS_MAX:
+        _CUDNN_CALLS.clear()
+    _CUDNN_CALLS[key] = causal
 
 
 def _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks,
@@ -398,6 +430,17 @@ def _attention(
     probe_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     global _FLASH_DECODE
+    cudnn_key = None
+    if mask is None and sinks is None:
+        try:
+            cudnn_key = _cudnn_call_key(q, k, v, scale, window_left, window_right, softcap, dropout_p, probe_mask)
+            causal = _cudnn_known(cudnn_key)
+        except (AttributeError, TypeError):  # a non-tensor or an unhashable argument: the checks below name it
+            cudnn_key, causal = None, None
+        if causal is not None:
+            result = _cudnn_forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal=causal)
+            if result is not None:
+                return result[0], result[1], _draw_rng_state(q, 0.0)
     decode = os.environ.get("FLASHFUSE_DECODE", "1") != "0"
     if decode and _FLASH_DECODE is not None and dropout_p.__class__ is float and dropout_p == 0.0:
         # a decode step's hot path: a call key (shapes, strides, dtypes, devices, scalars) this op validated and
@@ -430,6 +473,8 @@ def _attention(
                                                        dropout_p) is None:
         result = _cudnn_forward(q, k, v, scale, causal=window_right == 0)
         if result is not None:
+            if cudnn_key is not None:
+                _remember_cudnn(cudnn_key, window_right == 0)
             return result[0], result[1], rng_state
     if q.device.type == "cuda" and _hopper_path_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill,
                                                         softcap, sinks, dropout_p) is None:

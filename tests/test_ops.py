@@ -380,3 +380,95 @@ def test_a_failed_wide_cudnn_call_turns_off_only_the_wide_calls(monkeypatch, d, 
         assert (len(ops._CUDNN_WIDE_BROKEN), len(narrow)) == ((1, 0) if wide else (0, 1)), direction
     if wide:  # once a wide call failed, the wide backward is not tried again
         assert ops._cudnn_backward(q, q, q, q, q, lse, 0.1, causal=False) is None
+
+
+def test_cudnn_hot_path_serves_a_known_call_key_and_nothing_else(monkeypatch):
+    """A call key the op's checks sent to cuDNN before goes straight to ``_cudnn_forward`` (no validation again);
+    a key differing in any checked input, a mask, a switch in the environment or a recorded cuDNN failure takes
+    the full path. (CPU: the key is remembered by hand, as the GPU path does after a successful cuDNN call.)"""
+    from flashfuse import ops
+
+    monkeypatch.setattr(ops, "_CUDNN_CALLS", {})
+    for name in ("_CUDNN_BROKEN", "_CUDNN_GQA_BROKEN", "_CUDNN_WIDE_BROKEN"):
+        monkeypatch.setattr(ops, name, [])
+    monkeypatch.delenv("FLASHFUSE_SDPA", raising=False)
+    served = []
+
+    def fake_cudnn(q, k, v, scale, *, causal):
+        served.append((scale, causal))
+        out, lse = attention_ref(q, k, v, scale=scale, window_right=0 if causal else None, upcast=False)
+        return out.contiguous(), lse.contiguous()
+
+    validated = []
+    orig_validate = ops.validate_attention_args
+    monkeypatch.setattr(ops, "_cudnn_forward", fake_cudnn)
+    monkeypatch.setattr(ops, "validate_attention_args", lambda *a: validated.append(1) or orig_validate(*a))
+    q, k, v = _qkv(H=4, Hkv=2, S=24, D=64)
+    args = (None, None, None, 0, -math.inf, 0.0)  # mask, scale, window_left, window_right, mask_fill, softcap
+    ops._remember_cudnn(ops._cudnn_call_key(q, k, v, None, None, 0, 0.0, 0.0, False), True)
+
+    out, lse, rng = torch.ops.flashfuse.attention(q, k, v, *args)
+    assert served == [(1.0 / math.sqrt(64), True)] and not validated and rng.numel() == 0
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), window_right=0)
+    assert (out.double() - ref).abs().max().item() < 1e-4 and (lse.double() - ref_lse).abs().max().item() < 1e-4
+
+    # every one of these differs from the remembered key in something the checks read: the full path runs
+    misses = [
+        (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, None, 0),  # strides
+        (q, k, v, None, 0.5, None, 0),  # scale
+        (q, k, v, None, None, None, None),  # band
+        (q[:, :, :20], k[:, :, :20], v[:, :, :20], None, None, None, 0),  # shape
+        (q, k, v, torch.zeros(24, 24), None, None, 0),  # a mask
+    ]
+    for qq, kk, vv, mask, scale, wl, wr in misses:
+        served.clear(), validated.clear()
+        torch.ops.flashfuse.attention(qq, kk, vv, mask, scale, wl, wr, -math.inf, 0.0)
+        assert not served and validated, (scale, wl, wr, mask is None)
+    monkeypatch.setenv("FLASHFUSE_SDPA", "0")
+    served.clear(), validated.clear()
+    torch.ops.flashfuse.attention(q, k, v, *args)
+    assert not served and validated
+    monkeypatch.delenv("FLASHFUSE_SDPA")
+    monkeypatch.setattr(ops, "_CUDNN_GQA_BROKEN", ["an earlier failure"])
+    served.clear(), validated.clear()
+    torch.ops.flashfuse.attention(q, k, v, *args)
+    assert not served and validated
+    monkeypatch.setattr(ops, "_CUDNN_GQA_BROKEN", [])
+    served.clear(), validated.clear()
+    torch.ops.flashfuse.attention(q, k, v, *args)  # the same key again: the hot path
+    assert len(served) == 1 and not validated
+
+
+def test_a_cudnn_failure_forgets_the_known_calls(monkeypatch):
+    from flashfuse import ops
+
+    monkeypatch.setattr(ops, "_CUDNN_CALLS", {("a key",): True})
+    for name in ("_CUDNN_BROKEN", "_CUDNN_GQA_BROKEN", "_CUDNN_WIDE_BROKEN"):
+        monkeypatch.setattr(ops, name, [])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN refused (test)")
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", refuse)
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="cuDNN path failed"):
+        assert ops._cudnn_forward(q, q, q, 0.1, causal=False) is None
+    assert ops._CUDNN_CALLS == {} and ops._CUDNN_BROKEN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cudnn_hot_path_remembers_and_matches():
+    """On the GPU the first cuDNN call remembers its key; the second call (the hot path) gives the same result."""
+    from flashfuse import ops
+
+    if 64 not in ops._cudnn_head_dims(torch.device("cuda")):
+        pytest.skip("no cuDNN path for head dim 64 here")
+    ops._CUDNN_CALLS.clear()
+    q, k, v = (torch.randn(2, 8, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    first = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0, -math.inf, 0.0)
+    assert ops._cudnn_known(ops._cudnn_call_key(q, k, v, None, None, 0, 0.0, 0.0, False)) is True
+    second = torch.ops.flashfuse.attention(q, k, v, None, None, None, 0, -math.inf, 0.0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), window_right=0)
+    assert (second[0].double() - ref).abs().max().item() < 2e-2
