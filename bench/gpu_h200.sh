@@ -10,6 +10,8 @@
 # PLAN=fp8:    the FP8 kernel's GPU tests (host descriptors, every candidate, long sequences), then the FP8 rows
 #              autotuned with the host-descriptor candidates (FLASHFUSE_FP8_HOST=1) next to the bf16 kernel and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
+# PLAN=opdecode: bench/op_host.py, the forward with/without expsplit, the op, decode and expsplit GPU tests, the decode
+#              sweep (fused knob), bench/decode_profile.py.
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
@@ -99,6 +101,18 @@ fp8ab)  # FP8 device vs host descriptors head to head (forced configs), the unre
   step models16 240 "$OUT/models.txt" python3 bench/models.py --layers 16 --tasks train,prefill \
     --methods flashfuse,torch_compile,sdpa_compile --budget-s 200
   ;;
+opdecode)  # the op's host time (cuDNN hot path), its GPU tests, the decode GPU tests (fused merge too), the decode
+  # sweep with the fused knob, where a B = 1 step's time goes
+  step op_host 60 "$OUT/op_host.txt" python3 bench/op_host.py
+  step tune_fwd 110 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 128 --seqs 4096,16384,1024 --budget-s 95 \
+    --only "${FWD_ONLY:-128,128,8,3,host;128,128,8,3,host,expsplit;128,128,8,2,host;128,128,8,2,host,expsplit}"
+  step gpu_tests 180 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_ops.py \
+    tests/kernels/test_flash_decode.py tests/kernels/test_flash_decode_fused.py tests/kernels/test_flash_decode_tuned.py \
+    tests/kernels/test_flash_fwd_sm90.py -k "not sm90 or exp_split"
+  step decode_tune 250 "$OUT/decode_tune.txt" timeout -s TERM 240 python3 bench/decode.py --tune --budget-s 200 \
+    ${DECODE_ARGS:-}
+  step decode_profile 60 "$OUT/decode_profile.txt" python3 bench/decode_profile.py
+  ;;
 generate)
   step generate "${GEN_LIMIT:-200}" "$OUT/generate.txt" python3 bench/generate.py \
     ${GEN_ARGS:---layers 4 --batch 1 16 --new-tokens 32 --reps 2}
@@ -113,6 +127,8 @@ esac
   [ -f "$OUT/gpu_tests.txt" ] && pytest_tail "$OUT/gpu_tests.txt"
   [ -f "$OUT/bench.txt" ] && grep -E "^\|" "$OUT/bench.txt" | tail -40
   [ -f "$OUT/generate.txt" ] && grep -E "^\|" "$OUT/generate.txt" | tail -10
+  [ -f "$OUT/op_host.txt" ] && grep -E "^\|" "$OUT/op_host.txt"
+  [ -f "$OUT/decode_profile.txt" ] && tail -12 "$OUT/decode_profile.txt"
   [ -f "$OUT/models.txt" ] && grep -vE "^\s*$" "$OUT/models.txt" | tail -16
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
