@@ -108,7 +108,11 @@ opdecode)  # the op's host time (cuDNN hot path), its GPU tests, the decode GPU 
     --only "${FWD_ONLY:-128,128,8,3,host;128,128,8,3,host,expsplit;128,128,8,2,host;128,128,8,2,host,expsplit}"
   step gpu_tests 180 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_ops.py \
     tests/kernels/test_flash_decode.py tests/kernels/test_flash_decode_fused.py tests/kernels/test_flash_decode_tuned.py \
-    tests/kernels/test_flash_fwd_sm90.py -k "not sm90 or exp_split"
+    tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_fwd_fp8.py -k "not sm90 and not fp8 or exp_split"
+  for c in "128,128,8,2,host" "128,128,8,2,host,expsplit"; do
+    step "fp8 $c" 40 "$OUT/bench.txt" env FLASHFUSE_FP8_CONFIG="$c" python3 -m flashfuse.bench --dtypes bf16 \
+      --dims 128 --seqs 16384,4096 --cases full,causal --methods flashfuse_fp8 --rep 40 --budget-s 30
+  done
   step decode_tune 250 "$OUT/decode_tune.txt" timeout -s TERM 240 python3 bench/decode.py --tune --budget-s 200 \
     ${DECODE_ARGS:-}
   step decode_profile 60 "$OUT/decode_profile.txt" python3 bench/decode_profile.py
