@@ -4,7 +4,7 @@
     python bench/decode.py --quick         # GPU: 4 cases, shorter timing
     python bench/decode.py --sweep-splits  # also time num_splits = 1, 2, 4, ..., 128 per case
     python bench/decode.py --config 64,64,4,3   # force BLOCK_M,BLOCK_N,num_warps,num_stages of the decode kernel
-                                                # (FLASHFUSE_DECODE_CONFIG; add ",k_rows" / ",pdl" / ",fused")
+                                                # (FLASHFUSE_DECODE_CONFIG; add ",k_rows" / ",pdl" for the knobs)
     python bench/decode.py --device cpu    # tiny shapes under the Triton interpreter (smoke test)
     python bench/decode.py --host          # host time of one op call, broken down (B=1, Sk=4k; ~10 s on a GPU)
     python bench/decode.py --tune [--budget-s 150]   # configs x num_splits per shape -> flash_decode.TUNED entries
@@ -35,10 +35,8 @@ current choice), with do_bench and with the CUDA graph; each point's output is c
 kernel first. Phase 1 (configs, the current ones first, until 75% of ``--budget-s``; a config that fails to
 compile or fit is skipped with one line) is config-major, so a short budget drops the least plausible configs,
 never a shape; past 16 splits each point is also timed with ``merge_wide`` (the same split kernel, the merge
-in one chunk). Phase 2 adds the other knobs (``pdl``, ``k_rows``, both, ``fused``, ``k_rows`` + ``fused``: see
-`flash_decode.DecodeConfig`) to each shape's best point -- ``fused`` (one launch, the merge in the split kernel)
-also at the shape's other split counts, where its best cut may lie --, then its second best, then times each
-shape's best point with a finite ``mask_fill``
+in one chunk). Phase 2 adds the other knobs (``pdl``, ``k_rows``, both: see `flash_decode.DecodeConfig`) to
+each shape's best point, then its second best, then times each shape's best point with a finite ``mask_fill``
 (HF's finfo.min: VSUM, the split programs also add up V for rule 6), until the budget. The budget counts
 compiles (each config compiles for Sq = 1 and Sq = 4; ~1-3 s each). It prints the knobs' effect, the best
 point per shape by either timing, a ``TUNED`` dict to paste into ``flashfuse/kernels/flash_decode.py`` (best by
@@ -482,7 +480,7 @@ def _tune_point(case: _Case, cfg, ns: int, device: str, rep: int, failed: dict, 
     except Exception as e:  # noqa: BLE001 -- capture refused: keep the do_bench time
         graph_ms = float("nan")
         print(f"    {case.name()} {cfg.spec()} x{eff}: no CUDA-graph timing ({_why(e)})")
-    if device == "cuda":  # once more after the timings: a race (pdl, fused) could show as a wrong result here
+    if device == "cuda":  # once more after the timings: a race (pdl) could show as a wrong result here
         err = (case.call(0, ns, fill).float() - case.ref).abs().max().item()
         if not err <= case.tol:
             return eff, f"x{eff}: wrong result after timing (max error {err:.2e}); dropped"
@@ -552,8 +550,7 @@ def _tune_sweep(device, budget_s, start, hq, hkv, d, cases: list, bases: dict) -
     configs = _tune_configs(device, [case.current[0] for case in cases])
     print(f"tune: budget {budget_s:.0f} s; {len(cases)} cases; phase 1: up to {len(configs)} configs x split "
           f"counts (the current config first; merge_wide too past 16 splits), until {0.75 * budget_s:.0f} s; "
-          "phase 2: pdl / k_rows / fused on each case's best point (fused also at its other split counts), then "
-          "on its second best, then VSUM's cost",
+          "phase 2: pdl / k_rows on each case's best point, then its second best, then VSUM's cost",
           flush=True)  # fmt: skip
     for case in cases:
         case.splits = _tune_splits(case.programs, sms, case.current[1], device)
@@ -567,7 +564,7 @@ def _tune_sweep(device, budget_s, start, hq, hkv, d, cases: list, bases: dict) -
             untimed.append(cfg.spec())
             continue
         t0, n = time.perf_counter(), 0
-        wide = None if cfg.fused else replace(cfg, merge_wide=True)  # fused (a current entry) has no merge launch
+        wide = replace(cfg, merge_wide=True)
         for case in cases:
             for ns in case.splits:
                 if cfg in failed or time.perf_counter() > phase1_end:
@@ -577,7 +574,7 @@ def _tune_sweep(device, budget_s, start, hq, hkv, d, cases: list, bases: dict) -
                     print(f"    {case.name()} {cfg.spec()}: {why}", flush=True)
                 n += why is None
                 # merge_wide changes the merge only past 16 splits: there, time it too (same split kernel)
-                if why is None and eff > flash_decode._MERGE_BLOCK_S and wide is not None and wide not in failed:
+                if why is None and eff > flash_decode._MERGE_BLOCK_S and wide not in failed:
                     _, why = _tune_point(case, wide, ns, device, rep, failed)
                     if why is not None:
                         print(f"    {case.name()} {wide.spec()}: {why}", flush=True)
@@ -590,40 +587,31 @@ def _tune_sweep(device, budget_s, start, hq, hkv, d, cases: list, bases: dict) -
     if untimed:
         print(f"  budget: phase 1 stopped before {', '.join(untimed)}", flush=True)
 
-    # phase 2: the knobs on each case's best point (by graph time), then on its second best, until the budget.
-    # fused (one launch, no merge kernel) goes against pdl (the merge launch overlapped): it replaces the base's
-    # merge knobs (merge_wide, pdl), and on the best point it is also timed at the case's other split counts --
-    # without a merge launch, and with the merge in the last program of each group, the best cut can move
-    fused = {"fused": True, "merge_wide": False, "pdl": False}
-    knobs = [{"pdl": True}, {"k_rows": True}, {"k_rows": True, "pdl": True}, fused, {"k_rows": True, **fused}]
-    if device != "cuda":  # pdl is CUDA-only (the launcher ignores it elsewhere)
-        knobs = [{"k_rows": True}, fused]
+    # phase 2: the knobs on each case's best point (by graph time), then on its second best, until the budget
+    knobs = [{"pdl": True}, {"k_rows": True}, {"k_rows": True, "pdl": True}]
+    if device != "cuda":
+        knobs = [{"k_rows": True}]  # pdl is CUDA-only (the launcher ignores it elsewhere)
     for rank in (0, 1):
         for ci, case in enumerate(cases):
             ranked = sorted(case.points.items(), key=lambda item: _ms(item[1], 1))
-            plain = [cfg_ns for cfg_ns, _ in ranked if not (cfg_ns[0].k_rows or cfg_ns[0].pdl or cfg_ns[0].fused)]
+            plain = [cfg_ns for cfg_ns, _ in ranked if not (cfg_ns[0].k_rows or cfg_ns[0].pdl)]
             if len(plain) <= rank:
                 continue
             cfg, ns = plain[rank]
             cells = bases.setdefault((ci, cfg, ns), [])
-            points = [(knob, ns) for knob in knobs]
-            if rank == 0:
-                points += [(fused, other) for other in case.splits if other != ns]
-            for knob, at in points:
+            for knob in knobs:
                 variant = replace(cfg, **knob)
-                label = "+".join(name for name, on in knob.items() if on) + (f" x{at}" if at != ns else "")
                 if time.perf_counter() > deadline:
-                    cells.append(f"{label}: (budget)")
+                    cells.append(f"{'+'.join(knob)}: (budget)")
                     continue
-                eff = at
                 if variant not in failed:
-                    eff, why = _tune_point(case, variant, at, device, rep, failed)
+                    _, why = _tune_point(case, variant, ns, device, rep, failed)
                     if why is not None and variant in failed:
                         print(f"  skip {variant.spec()}: {why}", flush=True)
                     elif why is not None:
                         print(f"    {case.name()} {variant.spec()}: {why}", flush=True)
-                t = case.points.get((variant, eff))
-                cells.append(f"{label}: " + (_fmt_times(t) if t else "failed"))
+                t = case.points.get((variant, ns))
+                cells.append(f"{'+'.join(knob)}: " + (_fmt_times(t) if t else "failed"))
     # VSUM's cost: each case's best point again with a finite mask_fill (HF's finfo.min), where the split
     # programs also add up V for rule 6's mean
     for ci, case in enumerate(cases):

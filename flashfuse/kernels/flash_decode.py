@@ -15,12 +15,6 @@ walk the whole cache alone, and reads every K/V head ``Hq / Hkv`` times. This fi
   merges the partials of each row by their maxima: ``M = max_s m_s``, ``L = sum_s l_s exp(m_s - M)``,
   ``out = sum_s acc_s exp(m_s - M) / L``, ``lse = M + log L`` -- exactly the state one sequential pass would
   have reached, up to float32 rounding of the order of the sums.
-* **fused** (``DecodeConfig.fused``, off by default): no second launch. The split program that finishes last
-  for its (b, hkv, row block) merges that block's rows itself -- the split-K semaphore ("last program merges"):
-  every program stores its partial state, ``tl.debug_barrier()``, then one scalar ``atomic_add(acq_rel, gpu)``
-  on a counter of its group; the program that gets back ``num_splits - 1`` reads every split's partials (through
-  L2: ``.cg``), writes ``out``/``lse`` and puts the counter back to 0 (`_counter`'s buffer is all zero after
-  every launch: no memset per call, CUDA graphs replay it as captured).
 
 Semantics are ``flash_fwd.flash_attention_forward``'s (and so ``flashfuse.testing.attention_ref``'s), with
 its conventions: scores in base 2 with ``log2(e)`` folded into the scale, natural units with an additive
@@ -29,14 +23,6 @@ mask; softcap through exp2; bool or additive masks read through four strides; th
 puts every program on the window; blocks inside the band skip the elementwise test); a fully masked row is
 NaN with a ``-inf`` fill, the mean of ``v`` with a finite one (rule 6); ``sinks`` are the merge's starting
 state ``(m, l) = (sink, 1)``. ``lse`` is the natural log-sum-exp, float32 ``[B, Hq, Sq]``.
-
-NOTE: why the fused merge reads what the other programs wrote. The barrier orders the stores of all the
-program's threads before the atomic of the thread that issues it (Triton lowers a scalar atomic to one thread,
-the others get its result through shared memory); that atomic is a gpu-scope release, cumulative in the PTX
-memory model, so everything its program stored is visible to whoever acquires the counter after it. The last
-program's atomic is that acquire (``acq_rel``), and the result reaches its other threads through the barrier
-that broadcasts it; they read the partials with ``.cg`` loads (L2, the coherence point), never through the
-non-coherent L1, which could hold nothing of them anyway (no program reads another's partials before).
 
 NOTE: the mean of ``v`` for rule 6 needs all ``Sk`` keys. When the band reaches every key (no window; a
 bottom-right causal mask), the split programs add up their V tiles as they go (V is in registers anyway)
@@ -209,99 +195,6 @@ def _decode_inner(
     return acc, l_i, m_i, vsum
 
 
-@triton.jit
-def _merge_block(
-    PartAcc, PartM, PartL, PartVSum, VMean, Sinks, Out, LSE,
-    flat, offs_h, row_ok, vs_row, off_b, off_hkv, num_splits,
-    stride_vmb, stride_vmh, stride_vmd, stride_sink,
-    fill_thr, fill_lse, sink_unit, inv_sk,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_S2: tl.constexpr, NATURAL: tl.constexpr, FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr,
-    VSUM: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-):  # fmt: skip
-    """`_decode_merge` for the ``BLOCK_M`` packed rows of one row block at once (``DecodeConfig.fused``).
-
-    ``flat`` is each row's index in ``out``/``lse`` (``(b * Hq + h) * Sq + i``), ``offs_h`` its head; ``vs_row``
-    the row of the v sums this row block's programs wrote. The same two passes and epilogue as `_decode_merge`:
-    the maxima (and the v sums) in chunks of ``BLOCK_S`` splits, the rescaled sums in ``[BLOCK_M, BLOCK_S2,
-    BLOCK_DV]`` chunks. Every load of a partial goes through L2 (``.cg``): other programs wrote them (see the
-    module docstring's NOTE on memory ordering).
-
-    NOTE: the maxima, the l sums and the v sums accumulate elementwise in their loops and are reduced once after
-    them: Triton 3.6's TritonGPUOptimizeThreadLocality pass asserts (``loopResult.hasOneUse()``) on a reduction
-    inside a loop whose loop-carried result is used more than once, as ``m_max`` and ``l_sum`` are (seen on the
-    H200 with 16 splits: [16, 16] maxima; 3.9 compiles it). ``acc``'s reduction stays in the loop: one use.
-
-    NOTE: the chunks are small because this branch's registers count for the whole split kernel (its occupancy):
-    sm_90 (ptxas), 64 x 64 tiles, 4 warps, D = 128, 16 packed rows: 124 registers a thread without the merge,
-    153-154 with BLOCK_S2 = 2 (32 float32 a thread: three programs an SM still fit, <= 170), ~250 with
-    BLOCK_S2 = 4 (two fit); with VSUM 167 without, 165 with. At 64 packed rows (Sq = 16) 214 without, 244 with:
-    two programs an SM either way.
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_s2 = tl.arange(0, BLOCK_S2)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DIM_V
-    base = flat * num_splits  # [BLOCK_M] int64: the row's first split
-
-    # pass 1: the row max over all splits (and the sink: flash_fwd's starting state m_i = sink)
-    m_run = tl.full([BLOCK_M, BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_ok = row_ok[:, None] & (s0 + offs_s[None, :] < num_splits)
-        m_s = tl.load(PartM + base[:, None] + s0 + offs_s[None, :], mask=s_ok, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        m_run = tl.maximum(m_run, m_s)
-    m_max = tl.max(m_run, 1)
-    if HAS_SINKS:
-        sink = tl.load(Sinks + offs_h * stride_sink, mask=row_ok, other=float("-inf")).to(tl.float32) * sink_unit
-        m_max = tl.maximum(m_max, sink)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-
-    # pass 2: rescale and add; a split that kept nothing has m = -inf, l = 0, acc = 0 and adds 0
-    l_run = tl.zeros([BLOCK_M, BLOCK_S2], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S2):
-        s_ok = row_ok[:, None] & (s0 + offs_s2[None, :] < num_splits)
-        part = base[:, None] + s0 + offs_s2[None, :]  # [BLOCK_M, BLOCK_S2]
-        m_s = tl.load(PartM + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(PartL + part, mask=s_ok, other=0.0, cache_modifier=".cg")
-        w = _exp(m_s - m_safe[:, None], NATURAL)
-        l_run += l_s * w
-        a_ptrs = PartAcc + part[:, :, None] * HEAD_DIM_V + offs_dv[None, None, :]
-        a_s = tl.load(a_ptrs, mask=s_ok[:, :, None] & dv_ok[None, None, :], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(a_s * w[:, :, None], 1)
-    l_sum = tl.sum(l_run, 1)
-    if HAS_SINKS:
-        l_sum += _exp(sink - m_safe, NATURAL)
-
-    # epilogue: flash_fwd's, on the merged state
-    out = acc / l_sum[:, None]
-    if NATURAL:
-        lse = m_max + tl.log2(l_sum) * 0.6931471805599453
-    else:
-        lse = (m_max + tl.log2(l_sum)) * 0.6931471805599453
-    if FINITE_FILL:
-        empty = (l_sum == 0.0) | (m_max <= fill_thr)
-        if VSUM:
-            v_run = tl.zeros([BLOCK_S, BLOCK_DV], dtype=tl.float32)
-            for s0 in range(0, num_splits, BLOCK_S):
-                s_ok = s0 + offs_s < num_splits
-                v_ptrs = PartVSum + (vs_row * num_splits + s0 + offs_s)[:, None] * HEAD_DIM_V + offs_dv[None, :]
-                v_run += tl.load(v_ptrs, mask=s_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
-            vmean = tl.sum(v_run, 0) * inv_sk
-        else:  # the launcher's torch.mean(v), stream-ordered before this launch
-            vmean = tl.load(VMean + off_b * stride_vmb + off_hkv * stride_vmh + offs_dv * stride_vmd, mask=dv_ok,
-                            other=0.0)  # fmt: skip
-        out = tl.where(empty[:, None], vmean[None, :], out)
-        lse = tl.where(empty, fill_lse, lse)
-    tl.store(
-        Out + flat[:, None] * HEAD_DIM_V + offs_dv[None, :],
-        _downcast(out, Out.dtype.element_ty, INTERPRET_BF16),
-        mask=row_ok[:, None] & dv_ok[None, :],
-    )
-    tl.store(LSE + flat, lse, mask=row_ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +202,7 @@ def _merge_block(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tiles and launch options of the split kernel; the booleans (`_KNOBS`) are knobs for the tuner (default off).
+    """Tiles and launch options of the split kernel; ``k_rows`` and ``pdl`` are knobs for the tuner (default off).
 
     ``k_rows``: load the K tile as ``[BLOCK_N, D]`` (the layout in memory) and transpose it in registers for the
     dot, as Triton's fused-attention tutorial does, instead of loading ``[D, BLOCK_N]`` through the strides.
@@ -320,17 +213,8 @@ class DecodeConfig:
     ``merge_wide``: the merge reads all of a row's splits in one chunk (up to 128) instead of chunks of 16. Its
     two passes are loops of dependent loads, one memory round trip (~1 us) per chunk: 64 splits are 4 + 4 round
     trips one after the other, ~10% of a 63 us step at B = 1, 32k keys; wide, 1 + 1 (more warps hold the tile).
-    Identical below 17 splits.
-    ``fused``: one launch instead of two: the last split program of each (b, hkv, row block) merges its rows
-    (see the module docstring). Saves the merge launch and its gap (~2-5 us a step); the merge then runs on one
-    program per row block instead of one per row, a loop of ``num_splits / BLOCK_S`` round trips to L2. No merge
-    kernel, so ``pdl`` and ``merge_wide`` (its knobs) cannot be combined with it: `parse_config` and the
-    dataclass reject the combination. First measurement (H200, Triton 3.6, CUDA-graph us per call, each shape's
-    TUNED tiles, not yet a --tune sweep): B = 16, 2 splits, a tie with pdl (68.4 vs 68.2 at 4k keys, 127.9 vs
-    128.3 at 8k, 481.6 vs 482.2 at 32k); B = 1, slower: 14.3 at 16 splits vs 11.3 with pdl at 32 (4k keys),
-    20.4 vs 15.3 (8k), 40.3 vs 39.1 (32k) -- with many splits the last program's merge (a loop over the splits
-    on one program) costs more than the launch it saves. All four knobs are measured by
-    ``bench/decode.py --tune`` before a table entry turns them on.
+    Identical below 17 splits. All three are measured by ``bench/decode.py --tune`` before a table entry turns
+    them on.
 
     NOTE: what the sm_90 compile shows (Triton 3.9 with a stand-in driver, no GPU; test_knobs_compile_for_sm90):
     K loaded ``[D, N]`` through its strides is already 16-byte ``cp.async`` (Triton finds D contiguous), 144 of
@@ -347,11 +231,6 @@ class DecodeConfig:
     k_rows: bool = False
     pdl: bool = False
     merge_wide: bool = False
-    fused: bool = False
-
-    def __post_init__(self):
-        if self.fused and (self.pdl or self.merge_wide):
-            raise ValueError(f"{self}: fused has no merge launch; pdl and merge_wide are knobs of that launch")
 
     def spec(self) -> str:
         """The config as ``FLASHFUSE_DECODE_CONFIG`` spells it: ``bm,bn,w,s`` then the knobs that are set."""
@@ -359,14 +238,11 @@ class DecodeConfig:
         return ",".join([str(self.block_m), str(self.block_n), str(self.num_warps), str(self.num_stages), *flags])
 
 
-_KNOBS = ("k_rows", "pdl", "merge_wide", "fused")  # DecodeConfig's boolean fields, in spec order
+_KNOBS = ("k_rows", "pdl", "merge_wide")  # DecodeConfig's boolean fields, in spec order
 
 
 def parse_config(spec: str) -> DecodeConfig:
-    """``"bm,bn,w,s[,k_rows][,pdl][,merge_wide][,fused]"`` -> DecodeConfig (``FLASHFUSE_DECODE_CONFIG``, ``--config``).
-
-    ``fused`` with ``pdl`` or ``merge_wide`` is a ValueError: those tune the merge launch, which ``fused`` removes.
-    """
+    """``"bm,bn,w,s[,k_rows][,pdl][,merge_wide]"`` -> DecodeConfig (``FLASHFUSE_DECODE_CONFIG``, ``--config``)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     flags = parts[4:]
     try:
@@ -381,8 +257,6 @@ def parse_config(spec: str) -> DecodeConfig:
             raise ValueError(f"decode config {spec!r}: {name} must be a power of two >= 16")
     if w < 1 or w & (w - 1) or st < 1:
         raise ValueError(f"decode config {spec!r}: num_warps a power of two, num_stages >= 1")
-    if "fused" in flags and ("pdl" in flags or "merge_wide" in flags):
-        raise ValueError(f"decode config {spec!r}: fused has no merge launch, so no pdl or merge_wide with it")
     return DecodeConfig(bm, bn, w, st, **{name: name in flags for name in _KNOBS})
 
 
@@ -676,27 +550,18 @@ def plan(q, k, v, mask=None, *, window_left=None, window_right=None, num_splits=
 
 @triton.jit
 def _decode_split(
-    Q, K, V, Mask, Part, Counter, VMean, Sinks, Out, LSE,
-    stride_vmb, stride_vmh, stride_vmd, m_off, l_off, vs_off,
+    Q, K, V, Mask, Part, m_off, l_off, vs_off,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     Hkv, GROUPS, Sq, Sk, kv_lo, kv_hi, chunk, num_splits, in_lo, in_hi,
     qk_scale, softcap_in, softcap_out, window_left, window_right,
-    stride_sink, fill_thr, fill_lse, sink_unit, inv_sk,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, VSUM: tl.constexpr, K_ROWS: tl.constexpr,
     PDL: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-    FUSED: tl.constexpr, MERGE_S: tl.constexpr, MERGE_S2: tl.constexpr, NATURAL: tl.constexpr,
-    FINITE_FILL: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
-    """One program per (split, row block, b * Hkv): the online softmax over its chunk of keys, then its partial
-    state into ``Part``. ``FUSED``: the last program of each (b * Hkv, row block) also merges that block's rows
-    into ``Out``/``LSE`` (`_merge_block`; ``Counter``, ``VMean``, ``Sinks`` and the scalars after
-    ``window_right`` are the merge's; without ``FUSED`` they are placeholders the kernel never reads).
-    """
     if PDL:  # the merge (launched with launch_pdl) may be scheduled once every split program has started
         _gdc_launch_dependents()
     # the partial state lives in one float32 workspace: acc at 0, m at m_off, l at l_off, the v sums at vs_off
@@ -786,31 +651,7 @@ def _decode_split(
     )
     tl.store(PartM + part, m_i, mask=row_ok)
     tl.store(PartL + part, l_i, mask=row_ok)
-    if FUSED:
-        # group (b * Hkv, row block): its counter and its copy of the v sums -- every row block stores its own
-        # (all row blocks add up the same V tiles), so the program that merges a row block waits only for that
-        # block's splits, not for row block 0's
-        group = tl.cast(off_bh, tl.int64) * tl.num_programs(1) + pid_m
-        if VSUM:
-            tl.store(PartVSum + (group * num_splits + pid_s) * HEAD_DIM_V + offs_dv, vsum, mask=offs_dv < HEAD_DIM_V)
-        # the split-K semaphore: all threads' stores, then one release-acquire ticket per program (see the module
-        # docstring's NOTE); the program that draws the last ticket of its group merges the group's rows
-        tl.debug_barrier()
-        done = tl.atomic_add(Counter + group, 1, sem="acq_rel", scope="gpu")
-        if done == num_splits - 1:
-            # fmt: off
-            _merge_block(
-                PartAcc, PartM, PartL, PartVSum, VMean, Sinks, Out, LSE,
-                flat, offs_h, row_ok, group, off_b, off_hkv, num_splits,
-                stride_vmb, stride_vmh, stride_vmd, stride_sink,
-                tl.cast(fill_thr, tl.float32), tl.cast(fill_lse, tl.float32), tl.cast(sink_unit, tl.float32),
-                tl.cast(inv_sk, tl.float32),
-                HEAD_DIM_V, BLOCK_M, BLOCK_DV, MERGE_S, MERGE_S2, NATURAL, FINITE_FILL, HAS_SINKS, VSUM,
-                INTERPRET_BF16,
-            )
-            # fmt: on
-            tl.store(Counter + group, 0)  # every ticket of this launch is drawn: zero for the next launch
-    elif VSUM:  # noqa: SIM102 (a constexpr test, then a runtime one: not one `and`)
+    if VSUM:  # noqa: SIM102 (a constexpr test, then a runtime one: not one `and`)
         if pid_m == 0:
             vs = (tl.cast(off_bh, tl.int64) * num_splits + pid_s) * HEAD_DIM_V
             tl.store(PartVSum + vs + offs_dv, vsum, mask=offs_dv < HEAD_DIM_V)
@@ -987,54 +828,18 @@ class _Launch:
     mask_bool: bool  # pass the mask as uint8
     vmean: bool  # rule 6 with a window: the launcher takes torch.mean(v)
     split_grid: tuple
-    split_tail: tuple  # the split kernel's runtime arguments after the 10 pointers and the 3 vmean strides
+    split_tail: tuple  # the split kernel's runtime arguments after the 8 pointers/offsets
     split_meta: dict
     merge_grid: tuple
     merge_tail: tuple  # the merge kernel's runtime arguments after the vmean strides
     merge_meta: dict
     fast: bool  # CUDA with FLASHFUSE_DECODE_FAST_LAUNCH on: try the handles
-    fused: bool = False  # DecodeConfig.fused: one launch, the split kernel merges (no _MERGE launch)
-    counter_numel: int = 0  # fused: the tickets it counts on, one per (b * Hkv, row block)
-    counter: torch.Tensor | None = None  # fused: the counter buffer its launches use (`_counter`), once known
     # per kernel (_SPLIT, _MERGE): its _Handle, None (not made yet) or False (this key launches generically)
     handles: list = field(default_factory=lambda: [None, None])
     op_checked: bool = False  # the op validated a call with this key and chose this kernel (`forward_known`)
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
-
-# NOTE: the fused kernel's counters. One int32 ticket counter per (b * Hkv, row block), in a zeroed buffer per
-# device that every launch leaves all zero again (the last program of each group resets its counter), so no
-# call pays a memset launch and a CUDA graph that captured the buffer's address replays correctly. A launch
-# that needs more entries than the buffer has gets a new, larger zeroed one; every buffer stays referenced
-# (`_KEPT_COUNTERS`, and the `_Launch` that used them): a captured graph may still use their addresses.
-# LIMITATION: launches that share a buffer must not run at the same time -- fused calls on two streams that
-# overlap (or two graphs replayed concurrently on two streams) would count each other's tickets. Not keyed by
-# stream on purpose: the usual capture recipe warms up on one side stream and captures on another, and a
-# per-stream buffer would then be allocated (and zeroed) inside the capture. A buffer first needed during a
-# capture is made there (its zeroing becomes part of the graph, so replays are right) and used by that call
-# only: warm a fused key up before capturing it.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_KEPT_COUNTERS: list[torch.Tensor] = []
-_MIN_COUNTERS = 1024  # 4 KB: B x Hkv x row blocks up to 1024 (B = 128 at Hkv = 8) without growing
-
-
-def _counter(launch: _Launch) -> torch.Tensor:
-    """The zeroed int32 counter buffer for ``launch`` (at least ``launch.counter_numel`` entries); remembered in
-    ``launch.counter``, so a known key pays nothing here."""
-    device, need = launch.device, launch.counter_numel
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= need:
-        launch.counter = buf
-        return buf
-    numel = triton.next_power_of_2(max(need, _MIN_COUNTERS, 2 * buf.numel() if buf is not None else 0))
-    new = torch.zeros(numel, dtype=torch.int32, device=device)
-    _KEPT_COUNTERS.append(new)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return new  # zeroed by the graph's own memset: for this captured call only
-    _COUNTERS[device] = new
-    launch.counter = new
-    return new
 
 
 def _call_key(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, num_splits) -> tuple:
@@ -1096,17 +901,8 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
     m_off = n_rows * splits * Dv
     l_off = m_off + n_rows * splits
     vs_off = l_off + n_rows * splits
-    fused = cfg.fused
-    # the v sums: one row per (b, hkv) and split; fused, one per row block too (see _decode_split)
-    ws_numel = vs_off + (B * Hkv * (pl.m_blocks if fused else 1) * splits * Dv if vsum else 0)
+    ws_numel = vs_off + (B * Hkv * splits * Dv if vsum else 0)
     block_dv = max(16, triton.next_power_of_2(Dv))
-    # fused: the last program reads [BLOCK_M, MERGE_S] maxima and [MERGE_S, BLOCK_DV] v sums (<= 16 float32 a
-    # thread) and [BLOCK_M, MERGE_S2, BLOCK_DV] partial outputs (<= 32: see _merge_block's NOTE) at a time
-    threads = 32 * cfg.num_warps
-    fuse_s = fuse_s2 = 1
-    if fused:
-        fuse_s = max(1, min(triton.next_power_of_2(splits), 16 * threads // max(pl.block_m, block_dv)))
-        fuse_s2 = max(1, min(triton.next_power_of_2(splits), 32 * threads // (pl.block_m * block_dv)))
     # the merge: chunks of 16 splits on 1-2 warps; merge_wide, one chunk of all splits (<= 128) on enough warps
     # that the [BLOCK_S, BLOCK_DV] float32 tile is <= 64 registers a thread
     merge_s, merge_warps = _MERGE_BLOCK_S, 1 if Dv <= 64 else 2
@@ -1123,8 +919,6 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         float(scale) / softcap if has_softcap else 0.0,
         softcap * score_unit,
         wl, wr,
-        0 if sinks is None else sinks.stride(0),
-        fill_thr, fill_lse, score_unit, 1.0 / Sk if Sk > 0 else math.nan,
     )
     merge_tail = (
         0 if sinks is None else sinks.stride(0),
@@ -1146,13 +940,6 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         "PDL": pdl,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "INTERPRET_BF16": interpreted_bf16,
-        # the fused merge's; fixed values without it (one compiled kernel whatever the merge would be)
-        "FUSED": fused,
-        "MERGE_S": fuse_s,
-        "MERGE_S2": fuse_s2,
-        "NATURAL": fused and mask_kind == _MASK_ADD,
-        "FINITE_FILL": fused and finite_fill,
-        "HAS_SINKS": fused and sinks is not None,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
@@ -1189,8 +976,6 @@ def _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, so
         merge_tail=merge_tail,
         merge_meta=merge_meta,
         fast=_FAST_LAUNCH and device.type == "cuda" and not _interpreting(),
-        fused=fused,
-        counter_numel=B * Hkv * pl.m_blocks if fused else 0,
     )
 
 
@@ -1360,22 +1145,12 @@ def forward_known(q, k, v, mask, scale, window_left, window_right, mask_fill, so
     return _forward(launch, key, (scale, window_left, window_right, mask_fill, softcap, None), q, k, v, mask, sinks)
 
 
-# NOTE: without `fused`, one split still runs the merge. Skipping it would need the merge's epilogue (rule 6's
-# mean of v, rule 8's sinks, the lse) in the split kernel -- which `fused` now has, for any split count: a
-# config with it launches once. What the second launch costs without it: the split rule reaches one split only
-# when the batch alone fills the GPU (B x Hkv x row blocks >= 4 x SMs, e.g. B >= 66 at Hkv = 8 on an H100) or
-# the band is under 512 keys; there the merge reads rows x (Dv + 2) float32 -- B = 132, Hq = 32: 2.2 MB next to
-# 2.2 GB of K/V at 4k keys (0.1%) -- so it costs one launch: ~3-5 us of GPU time and, with the compiled handle,
-# a few us of host time. The tuner measures both (bench/decode.py --tune).
-def _vmean_arg(launch: _Launch, v, lse) -> tuple:
-    """Rule 6 with a window: ``torch.mean(v)`` (float32 ``[B, Hkv, Dv]``) and its strides; else ``lse`` as a
-    placeholder the kernels never read."""
-    if launch.vmean:
-        vm = torch.mean(v, dim=-2, dtype=torch.float32)
-        return vm, vm.stride()
-    return lse, (0, 0, 0)
-
-
+# NOTE: one split still runs the merge. Skipping it would need the merge's epilogue (rule 6's mean of v, rule 8's
+# sinks, the lse) in the split kernel as well, for a case the split rule reaches only when the batch alone
+# fills the GPU (B x Hkv x row blocks >= 4 x SMs, e.g. B >= 66 at Hkv = 8 on an H100) or the band is under
+# 512 keys. There the merge reads rows x (Dv + 2) float32 -- B = 132, Hq = 32: 2.2 MB next to 2.2 GB of K/V at
+# 4k keys (0.1%) -- so what it costs is one launch: ~3-5 us of GPU time and, with the compiled handle, a few
+# us of host time. Not worth a second epilogue until a trace shows it.
 def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     device = launch.device
     out = torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
@@ -1387,18 +1162,11 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
         mask_arg = q
     else:
         mask_arg = mask.view(torch.uint8) if launch.mask_bool else mask
-    stat = lse if sinks is None else sinks
     while True:
-        vm_arg, vm_strides = _vmean_arg(launch, v, lse)
-        if launch.fused:  # the merge's tensors too; ws, the counters, vm, out and lse are fresh allocations
-            counter = launch.counter if launch.counter is not None else _counter(launch)
-            args = (q, k, v, mask_arg, ws, counter, vm_arg, stat, out, lse, *vm_strides, *launch.split_tail)
-            aligned = launch.fast and _aligned5(q, k, v, mask_arg, stat)
-        else:  # the merge's tensors are placeholders the split kernel never reads
-            args = (q, k, v, mask_arg, ws, ws, ws, ws, ws, ws, 0, 0, 0, *launch.split_tail)
-            aligned = launch.fast and _aligned5(q, k, v, mask_arg, ws)
+        aligned = launch.fast and _aligned5(q, k, v, mask_arg, ws)
         try:
-            _run(_decode_split, launch, _SPLIT, launch.split_grid, args, launch.split_meta, aligned)
+            _run(_decode_split, launch, _SPLIT, launch.split_grid, (q, k, v, mask_arg, ws, *launch.split_tail),
+                 launch.split_meta, aligned)  # fmt: skip
             break
         except Exception as e:  # noqa: BLE001 -- re-raised unless a smaller or plainer config is left to try
             cfg = launch.plan.config
@@ -1424,9 +1192,13 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
             if key is not None:
                 _LAUNCHES[key] = launch
             ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
-    if launch.fused:
-        return out, lse
 
+    if launch.vmean:
+        vm = torch.mean(v, dim=-2, dtype=torch.float32)
+        vm_arg, vm_strides = vm, vm.stride()
+    else:
+        vm_arg, vm_strides = lse, (0, 0, 0)
+    stat = lse if sinks is None else sinks
     # fmt: off
     merge_args = (ws, *launch.part_offsets, vm_arg, stat, out, lse, *vm_strides, *launch.merge_tail)
     # fmt: on
