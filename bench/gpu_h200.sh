@@ -10,7 +10,6 @@
 # PLAN=fp8:    the FP8 kernel's GPU tests (host descriptors, every candidate, long sequences), then the FP8 rows
 #              autotuned with the host-descriptor candidates (FLASHFUSE_FP8_HOST=1) next to the bf16 kernel and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
-# PLAN=opdecode: the forward (bf16, FP8) with and without expsplit, bench/op_host.py, their GPU tests.
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
@@ -99,21 +98,6 @@ fp8ab)  # FP8 device vs host descriptors head to head (forced configs), the unre
     tests/kernels/test_flash_bwd.py -k "long_sequences and dtype1 and causal and not nocausal and (64-1000 or 128 or 256-4096)"
   step models16 240 "$OUT/models.txt" python3 bench/models.py --layers 16 --tasks train,prefill \
     --methods flashfuse,torch_compile,sdpa_compile --budget-s 200
-  ;;
-opdecode)  # expsplit against the same tiles (bf16 forward at D 128, 64, 256; FP8), the op's host time, their GPU tests
-  step tune_fwd 110 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 128 --seqs 4096,16384,1024 --budget-s 95 \
-    --only "${FWD_ONLY:-128,128,8,3,host;128,128,8,3,host,expsplit;128,128,8,2,host;128,128,8,2,host,expsplit}"
-  step tune_fwd64 45 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 64 --seqs 4096 --budget-s 35 \
-    --only "128,64,4,3,host;128,64,4,3,host,expsplit"
-  step tune_fwd256 45 "$OUT/tune_fwd.txt" python3 bench/tune_fwd.py --dims 256 --seqs 4096 --budget-s 35 \
-    --only "128,64,8,2,host;128,64,8,2,host,expsplit"
-  for c in "128,128,8,2,host" "128,128,8,2,host,expsplit"; do
-    step "fp8 $c" 40 "$OUT/bench.txt" env FLASHFUSE_FP8_CONFIG="$c" python3 -m flashfuse.bench --dtypes bf16 \
-      --dims 128 --seqs 16384,4096 --cases full,causal --methods flashfuse_fp8 --rep 40 --budget-s 30
-  done
-  step op_host 60 "$OUT/op_host.txt" python3 bench/op_host.py
-  step gpu_tests 110 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_ops.py \
-    tests/kernels/test_flash_fwd_sm90.py tests/kernels/test_flash_fwd_fp8.py -k "hot_path or exp_split or cudnn_path"
   ;;
 generate)
   step generate "${GEN_LIMIT:-200}" "$OUT/generate.txt" python3 bench/generate.py \

@@ -80,7 +80,7 @@ from flashfuse.kernels.flash_fwd import _key_blocks
 # _sk_bucket (autotune cache buckets) and the fallback launch loop (shrink after a shared-memory overflow, drop WS,
 # then host descriptors, then TMA after a compile failure: it reads only fields the config has) are the Hopper
 # kernel's
-from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _exp2_split, _sk_bucket
+from flashfuse.kernels.flash_fwd_sm90 import _dot, _dot_acc, _downcast, _ensure_allocator, _sk_bucket
 from flashfuse.kernels.flash_fwd_sm90 import _HOST_MIN_SCORES, _host_desc, _host_descriptors_ok
 from flashfuse.kernels.flash_fwd_sm90 import _launch_with_fallback as _sm90_launch_with_fallback
 from flashfuse.kernels.flash_fwd_sm90 import TensorDescriptor
@@ -199,7 +199,6 @@ def _attn_blocks(
     BLOCK_N: tl.constexpr, EDGE: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
     P_SHIFT: tl.constexpr, PROMOTE: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, INTERPRET: tl.constexpr, INTERPRET_BF16: tl.constexpr, HEAD_DIM: tl.constexpr,
-    EXP_SPLIT: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over key blocks ``[start, end)``; EDGE blocks straddle the diagonal or the end of the keys.
     With ``HOST_DESC`` the descriptors span the whole 4-D tensors and are indexed by (batch, KV head, ...)."""
@@ -234,10 +233,7 @@ def _attn_blocks(
             alpha = tl.math.exp2(m_i - m_safe)
         else:
             m_ij = tl.maximum(m_i, tl.max(t, 1) * a_i)
-            if EXP_SPLIT:  # half the exponentials on the FMA pipes (flash_fwd_sm90._exp2_split; x <= P_SHIFT)
-                p = _exp2_split(t * a_i[:, None] - (m_ij - P_SHIFT)[:, None], t.shape[0], t.shape[1])
-            else:
-                p = tl.math.exp2(t * a_i[:, None] - (m_ij - P_SHIFT)[:, None])
+            p = tl.math.exp2(t * a_i[:, None] - (m_ij - P_SHIFT)[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
         l_ij = tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -289,7 +285,7 @@ def _attn_fwd_fp8(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, P_SHIFT: tl.constexpr, PROMOTE: tl.constexpr,
     USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, EXP_SPLIT: tl.constexpr = False,
+    INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """One (query block, head, batch) tile. Q8/K8 ``[B, H, S, D]``, SQ/SK ``[B, H, S]``, Out ``[B, Hq, Sq, D]``
     contiguous; V is V8ᵀ ``[B, Hkv, D, S_pad]`` (PV_FP8, SV ``[B, Hkv, D]``) or the input V (any strides)."""
@@ -348,7 +344,7 @@ def _attn_fwd_fp8(
         acc, l_i, m_i, q, a_i, desc_k, desc_v, K_head, V_head, SK_head, HEAD_DIM, stride_vn, stride_vd,
         off_b, off_hkv, full_lo, full_hi, offs_m, offs_n, offs_d, Sk, window_right,
         BLOCK_N, False, QK_INT8, PV_FP8, P_SHIFT, PROMOTE, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET,
-        INTERPRET_BF16, HEAD_DIM, EXP_SPLIT,
+        INTERPRET_BF16, HEAD_DIM,
     )
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, a_i, desc_k, desc_v, K_head, V_head, SK_head, HEAD_DIM, stride_vn, stride_vd,
@@ -391,31 +387,28 @@ class Fp8Config:
     # e4m3 P @ V: each block's product is added to the fp32 accumulator (max_num_imprecise_acc=BLOCK_N); False
     # accumulates in place in the tensor cores (~14 bits: wrong by ~1e-2 at 4k keys; for speed comparisons only)
     promote: bool = True
-    # half of each full block's exponentials on the FMA pipes (flash_fwd_sm90's ``expsplit`` knob)
-    exp_split: bool = False
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
                 f"{' ws' if self.ws else ''}{'' if self.tma else ' notma'}{' host' if self.host else ''}"
-                f"{'' if self.promote else ' nopromote'}{' expsplit' if self.exp_split else ''}")
+                f"{'' if self.promote else ' nopromote'}")
 
     @classmethod
     def parse(cls, text: str) -> Fp8Config:
-        """``"128,128,8,3"`` plus any of ``ws``, ``notma``, ``host``, ``nopromote``, ``expsplit``, comma separated."""
+        """``"128,128,8,3"`` plus any of ``ws``, ``notma``, ``host``, ``nopromote``, comma separated."""
         parts = [p.strip().lower() for p in str(text).split(",") if p.strip()]
         try:
             bm, bn, w, s = (int(p) for p in parts[:4])
         except ValueError:
             raise ValueError(
-                f"config: {text!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,ws][,notma][,host][,nopromote]"
-                "[,expsplit]'"
+                f"config: {text!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages[,ws][,notma][,host][,nopromote]'"
             ) from None
         flags = set(parts[4:])
-        unknown = flags - {"ws", "notma", "host", "nopromote", "expsplit"}
+        unknown = flags - {"ws", "notma", "host", "nopromote"}
         if unknown:
             raise ValueError(f"config: {text!r}: unknown flags {sorted(unknown)}")
         return cls(bm, bn, w, s, ws="ws" in flags, tma="notma" not in flags, host="host" in flags,
-                   promote="nopromote" not in flags, exp_split="expsplit" in flags)
+                   promote="nopromote" not in flags)
 
 
 def _C(bm, bn, w, s, **kw) -> Fp8Config:
@@ -620,7 +613,7 @@ class _Launch:
         host = bool(cfg.tma and cfg.host and self.host_ok)
         args += self._host_descs(cfg) if host else [None] * 4
         kwargs = dict(self.meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=cfg.tma, HOST_DESC=host,
-                      WARP_SPECIALIZE=cfg.ws, PROMOTE=cfg.promote, EXP_SPLIT=cfg.exp_split, num_warps=cfg.num_warps,
+                      WARP_SPECIALIZE=cfg.ws, PROMOTE=cfg.promote, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
         grid = (num_m, self.Hq, self.B)
         if self.device.type == "cuda":

@@ -23,9 +23,7 @@ The fast common case of ``flash_fwd.flash_attention_forward`` -- fp16/bf16, a po
   first, so the short tiles fill the tail of the grid.
 * **Knobs** (constexpr, picked per config): ``WARP_SPECIALIZE`` puts ``warp_specialize=True`` on the
   full-block loop (Triton 3.6's Hopper auto-WS; needs on-device descriptors, which is what we build),
-  ``PERSISTENT`` runs one program per SM walking the tiles, ``EXP_SPLIT`` (flag ``expsplit``) computes half of the
-  full blocks' exponentials with a polynomial on the FMA pipes (`_exp2_split`; the MUFU's exp2 is the softmax's
-  bottleneck, FlashAttention-4's observation) -- not in the candidate lists until a GPU sweep shows it pays.
+  ``PERSISTENT`` runs one program per SM walking the tiles.
 
 Semantics are ``flash_fwd.flash_attention_forward``'s (and ``flashfuse.testing.attention_ref``'s) for
 this subset: GQA by the head map ``h -> h // (Hq // Hkv)``; ``-window_left <= j - i <= window_right``
@@ -34,7 +32,7 @@ float32; a row with nothing kept is NaN with ``lse = -inf`` for a ``-inf`` ``mas
 of ``v`` with ``lse = mask_fill + log(Sk)`` for a finite one (rule 6, epilogue only).
 
 Config choice (``_choose_config``): an explicit ``config=`` argument or ``FLASHFUSE_SM90_CONFIG``
-(``"128,128,8,2[,ws][,persistent][,notma][,host][,expsplit]"``) wins; then ``TUNED_CONFIGS`` (paste
+(``"128,128,8,2[,ws][,persistent][,notma][,host]"``) wins; then ``TUNED_CONFIGS`` (paste
 ``bench/tune_fwd.py``'s output there); then an autotune over ``candidate_configs`` (cached across
 processes in ``~/.cache/flashfuse/fwd_sm90_autotune.json``; ``FLASHFUSE_SM90_AUTOTUNE=0`` turns it
 off); then a fixed default. A config that does not compile falls back (WS off, then persistent off,
@@ -126,33 +124,6 @@ def _downcast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     return x.to(dtype)
 
 
-# exp2 on the FMA pipes (``Sm90Config.exp_split``): 2^x = 2^n * 2^f with n = round(x), f in [-0.5, 0.5], 2^f a
-# degree-4 polynomial (relative-error minimax, float32 coefficients: max relative error 2.7e-6, so P and the lse
-# move by less than fp16's rounding; degree 3 (7.5e-5) moved the lse past the tests' 1e-5) and 2^n added to the
-# exponent bits. Only for x <= 0 (a score minus its row max): x is clamped at -125 so the exponent stays normal
-# (2^-125 ~ 2e-38 where the true value is smaller still).
-@triton.jit
-def _exp2_fma(x):
-    x = tl.maximum(x, -125.0)
-    t = x + 12582912.0  # 1.5 * 2^23: x rounded to an integer, which lands in t's low mantissa bits
-    n = t.to(tl.int32, bitcast=True) - 0x4B400000
-    f = x - (t - 12582912.0)
-    p = 0.009571070782840252 * f + 0.055917948484420776
-    p = p * f + 0.2402472048997879
-    p = p * f + 0.6931217908859253
-    p = p * f + 0.9999992847442627
-    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``exp2(x)``: the even columns on the MUFU (``tl.math.exp2``), the odd ones on the FMA pipes, so both units
-    work on one tile (FlashAttention-4's trick against the exp2 bottleneck). A thread of the MMA accumulator
-    layout holds column pairs, so the split and the join stay in registers."""
-    a, b = x.reshape(BLOCK_M, BLOCK_N // 2, 2).split()
-    return tl.join(tl.math.exp2(a), _exp2_fma(b)).reshape(BLOCK_M, BLOCK_N)
-
-
 @triton.jit
 def _load_tile(desc, base, stride_row, start, rows, off_b, off_h, S,
                BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EDGE: tl.constexpr,
@@ -186,7 +157,6 @@ def _attn_blocks(
     Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-    EXP_SPLIT: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax over key blocks ``[start, end)`` (``start`` a multiple of BLOCK_N).
 
@@ -227,10 +197,7 @@ def _attn_blocks(
                 # scale > 0 (supports() checks), so max(qk) * scale == max(qk * scale): BLOCK_M multiplies
                 # instead of BLOCK_M * BLOCK_N, and the exponent is one FMA per score
                 m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                if EXP_SPLIT:  # half the exponentials on the FMA pipes (Sm90Config.exp_split)
-                    p = _exp2_split(qk * qk_scale - m_ij[:, None], qk.shape[0], qk.shape[1])
-                else:
-                    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+                p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
         l_ij = tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -254,7 +221,7 @@ def _attn_tile(
     GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr, EXP_SPLIT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """One (query block, head, batch) tile: load Q once, walk its band of key blocks, write out and lse."""
     off_hkv = off_h // GROUPS  # GQA: query head h reads key/value head h // (Hq // Hkv)
@@ -308,7 +275,7 @@ def _attn_tile(
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
         full_lo, full_hi, offs_m, offs_n, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right,
-        HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET_BF16, EXP_SPLIT,
+        HEAD_DIM, BLOCK_N, False, HAS_SOFTCAP, USE_TMA, HOST_DESC, WARP_SPECIALIZE, INTERPRET_BF16,
     )
     acc, l_i, m_i = _attn_blocks(
         acc, l_i, m_i, q, desc_k, desc_v, K_head, V_head, stride_kn, stride_vn, off_b, off_hkv,
@@ -351,7 +318,6 @@ def _attn_fwd_sm90(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, FINITE_FILL: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-    EXP_SPLIT: tl.constexpr = False,
 ):  # fmt: skip
     # Scalars may arrive as fp64 from Inductor-generated launchers; keep all score math in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -373,7 +339,7 @@ def _attn_fwd_sm90(
                 stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
                 GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
                 HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, WARP_SPECIALIZE,
-                INTERPRET_BF16, EXP_SPLIT,
+                INTERPRET_BF16,
             )
             # fmt: on
     else:
@@ -387,7 +353,7 @@ def _attn_fwd_sm90(
             stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_vmb, stride_vmh,
             GROUPS, Sq, Sk, qk_scale, softcap_in, softcap_out, window_left, window_right, fill_thr, fill_lse,
             HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SOFTCAP, FINITE_FILL, USE_TMA, HOST_DESC, WARP_SPECIALIZE,
-            INTERPRET_BF16, EXP_SPLIT,
+            INTERPRET_BF16,
         )
         # fmt: on
 
@@ -399,7 +365,7 @@ def _attn_fwd_sm90(
 
 # the boolean knobs in TUNED_CONFIGS' / the cache's tuple order, with their defaults and their parse() flags
 _FLAGS = (("ws", False, "ws"), ("persistent", False, "persistent"), ("tma", True, "notma"),
-          ("host", False, "host"), ("exp_split", False, "expsplit"))  # fmt: skip
+          ("host", False, "host"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -412,7 +378,6 @@ class Sm90Config:
     persistent: bool = False  # one program per SM walking the tiles
     tma: bool = True  # tensor descriptors (False: plain pointer loads)
     host: bool = False  # TMA through host-built 4-D descriptors (False: built on the device per program)
-    exp_split: bool = False  # half of each full block's exponentials on the FMA pipes (`_exp2_split`)
 
     def __str__(self) -> str:
         flags = "".join(f" {text}" for name, default, text in _FLAGS if getattr(self, name) != default)
@@ -552,7 +517,7 @@ def _smaller(cfg):
 def _plainer(cfg: Sm90Config) -> Sm90Config | None:
     """The next config after a compile failure: drop WS, host descriptors, the persistent loop, then TMA (of the
     knobs ``cfg`` has: ``flash_fwd_fp8``'s configs have WS, host and TMA, no persistent)."""
-    for name in ("ws", "exp_split", "host", "persistent", "tma"):
+    for name in ("ws", "host", "persistent", "tma"):
         if getattr(cfg, name, False):
             return replace(cfg, **{name: False})
     return None
@@ -712,7 +677,6 @@ class _Launch:
             HOST_DESC=host,
             WARP_SPECIALIZE=cfg.ws,
             PERSISTENT=cfg.persistent,
-            EXP_SPLIT=cfg.exp_split,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
