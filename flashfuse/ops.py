@@ -252,6 +252,7 @@ def _cudnn_backward(grad_out, q, k, v, out, lse, scale, *, causal: bool):
 # or sinks are never kept (those calls never take the path). Any cuDNN failure empties the table
 # (``_cudnn_forward``), and the hot path is skipped while a failure is recorded.
 _CUDNN_CALLS: dict[tuple, bool] = {}  # call key -> causal
+_DECODE_MAX_Q = 16  # flash_decode.MAX_QUERY_LEN (not imported here: that module imports triton)
 _CUDNN_CALLS_MAX = 512
 
 
@@ -431,7 +432,8 @@ def _attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     global _FLASH_DECODE
     cudnn_key = None
-    if mask is None and sinks is None:
+    # Sq <= 16 is flash_decode's (its own hot path below): no key to build there, a decode step pays nothing here
+    if mask is None and sinks is None and q.shape[-2] > _DECODE_MAX_Q:
         try:
             cudnn_key = _cudnn_call_key(q, k, v, scale, window_left, window_right, softcap, dropout_p, probe_mask)
             causal = _cudnn_known(cudnn_key)

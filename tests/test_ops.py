@@ -472,3 +472,22 @@ def test_gpu_cudnn_hot_path_remembers_and_matches():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     ref, _ = attention_ref(q.double(), k.double(), v.double(), window_right=0)
     assert (second[0].double() - ref).abs().max().item() < 2e-2
+
+
+def test_decode_shaped_calls_build_no_cudnn_key(monkeypatch):
+    """Sq <= 16 is flash_decode's: those calls skip the cuDNN hot path's key (host time a decode step would pay for
+    nothing); the bound is flash_decode's own."""
+    from flashfuse import ops
+    from flashfuse.kernels import flash_decode
+
+    assert ops._DECODE_MAX_Q == flash_decode.MAX_QUERY_LEN
+    built = []
+    real = ops._cudnn_call_key
+    monkeypatch.setattr(ops, "_cudnn_call_key", lambda *a: built.append(a[0].shape[-2]) or real(*a))
+    for sq in (1, 16, 17):
+        q = torch.randn(1, 4, sq, 32)
+        k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
+        out, _, _ = torch.ops.flashfuse.attention(q, k, v, None, None, None, None, -math.inf, 0.0)
+        ref, _ = attention_ref(q.double(), k.double(), v.double())
+        assert (out.double() - ref).abs().max().item() < 1e-4
+    assert built == [17]
