@@ -491,3 +491,11 @@ def test_decode_shaped_calls_build_no_cudnn_key(monkeypatch):
         ref, _ = attention_ref(q.double(), k.double(), v.double())
         assert (out.double() - ref).abs().max().item() < 1e-4
     assert built == [17]
+
+
+def test_bad_rank_still_raises_value_error_past_the_hot_path():
+    """The hot path's key looks at q's shape first: a q of the wrong rank must still reach validation's ValueError."""
+    for q in (torch.randn(32), torch.randn(4, 32)):
+        with pytest.raises(ValueError, match="q: expected a 4-D"):
+            torch.ops.flashfuse.attention(q, torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), None, None, None,
+                                          None, -math.inf, 0.0)
