@@ -8,7 +8,8 @@
 # PLAN=final:  the forward table (kernel and op against every peer; D=128 all S, D=64/256 and fp16 at 4k), the
 #              fwd+bwd table, then the GPU tests not yet run (sm90 candidates, fp8, probe, decode table, Llama training).
 # PLAN=fp8:    the FP8 kernel's GPU tests (host descriptors, every candidate, long sequences), then the FP8 rows
-#              autotuned with the host-descriptor candidates (FLASHFUSE_FP8_HOST=1) next to the bf16 kernel and cuDNN.
+#              autotuned (host-descriptor candidates included: the default since session 6) next to the bf16 kernel
+#              and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
@@ -114,7 +115,6 @@ esac
   [ -f "$OUT/bench.txt" ] && grep -E "^\|" "$OUT/bench.txt" | tail -40
   [ -f "$OUT/generate.txt" ] && grep -E "^\|" "$OUT/generate.txt" | tail -10
   [ -f "$OUT/op_host.txt" ] && grep -E "^\|" "$OUT/op_host.txt"
-  [ -f "$OUT/decode_profile.txt" ] && tail -12 "$OUT/decode_profile.txt"
   [ -f "$OUT/models.txt" ] && grep -vE "^\s*$" "$OUT/models.txt" | tail -16
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
