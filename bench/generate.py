@@ -103,17 +103,7 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
     try:
         model = build_model(config_kw, ids.shape[1] + args.new_tokens, dtype, device, ATTN[method])
         if BACKEND[method] is not None:
-            mode = None if args.mode == "default" else args.mode
-            if mode is not None:
-                # CUDA graphs update the static cache in place, which Inductor allows only for tensors marked static:
-                # transformers marks them when it initializes the cache outside a compile (its lazy_initialization
-                # skips the marking while Dynamo traces). One eager generate creates and initializes the cache that
-                # later generate calls reuse (reset in place).
-                _generate(model, ids, 2, args.cache)
-            from torch._dynamo.utils import counters
-
-            skips_before = counters["inductor"]["cudagraph_skips"]
-            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False, mode=mode)
+            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False)
         start = time.perf_counter()
         _generate(model, ids, args.new_tokens, args.cache)  # warm-up: compiles the prefill and decode graphs
         _sync(device)
@@ -127,13 +117,9 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
             row["tokens_per_s"] = ids.shape[0] * args.new_tokens / tn
             row["note"] = "tokens/s over the whole run (t_N <= t_1)"
         row["tokens"] = out[:, ids.shape[1] :].cpu()
-        if BACKEND[method] is not None and args.mode != "default":
-            skips = counters["inductor"]["cudagraph_skips"] - skips_before
-            row["note"] = f"{args.mode}: {skips} graphs skipped CUDA graphs"
         if method == "flashfuse":
             rep = report.last_report(mark)
-            row["note"] = (row["note"] + "; " if row["note"] else "") + (
-                f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs")
+            row["note"] = f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs"
             row["note"] += "; " + _decode_launch_note()
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
@@ -184,8 +170,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--reps", type=int, default=None, help="timed generate calls per measurement (median)")
-    p.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
-                   help="torch.compile mode of both compiled methods (reduce-overhead: CUDA graphs)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -213,7 +197,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# device: {name}; Llama hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, heads "
           f"{c['num_attention_heads']}/{c['num_key_value_heads']}, {str(args.dtype)[6:]}; context {args.context}, "
-          f"{args.new_tokens} new tokens, greedy, {args.cache} cache, compile mode {args.mode}")  # fmt: skip
+          f"{args.new_tokens} new tokens, greedy, {args.cache} cache")  # fmt: skip
     rows = []
     for batch in args.batch:
         torch.manual_seed(1)
