@@ -627,10 +627,7 @@ class _Launch:
         if self.meta["PV_FP8"]:
             # V8ᵀ [B, H, D, S_pad]: the descriptor's key extent is Sk, so the padding columns read as zeros (the
             # pass leaves them uninitialised), boxes of [1, 1, D, BLOCK_N]
-            shape = [*v.shape[:3], self.sk]
-            strides = [s if n > 1 else v.shape[3] for s, n in zip(v.stride(), v.shape)]
-            strides[3] = 1
-            vdesc = TensorDescriptor(v, shape, strides, [1, 1, v.shape[2], cfg.block_n])
+            vdesc = _host_desc(v, cfg.block_n, shape=[*v.shape[:3], self.sk], box=[1, 1, v.shape[2], cfg.block_n])
         else:
             vdesc = _host_desc(v, cfg.block_n)
         return [_host_desc(q8, cfg.block_m), _host_desc(k8, cfg.block_n), vdesc, _host_desc(out, cfg.block_m)]

@@ -703,18 +703,20 @@ def _host_descriptors_ok(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _host_desc(t: torch.Tensor, block_rows: int):
+def _host_desc(t: torch.Tensor, block_rows: int, *, shape=None, box=None):
     """A TMA descriptor over ``t`` ``[B, H, S, D]`` with ``[1, 1, block_rows, D]`` boxes (zero fill past S).
 
     A size-1 dim is only ever indexed at 0, so its stride is free: it gets a valid one (a multiple of 16 bytes,
-    as TMA wants for every stride but the last) whatever the tensor's view says.
+    as TMA wants for every stride but the last) whatever the tensor's view says. ``shape`` (the extents the
+    descriptor reads, zero fill past them; default ``t.shape``) and ``box`` (default ``[1, 1, block_rows, D]``)
+    serve other layouts: ``flash_fwd_fp8``'s V8ᵀ ``[B, H, D, S_pad]`` read up to Sk in ``[1, 1, D, BLOCK_N]`` boxes.
     """
-    shape = list(t.shape)
+    shape = list(t.shape if shape is None else shape)
     strides = list(t.stride())
     for d in range(t.dim() - 1):
         if shape[d] == 1:
             strides[d] = _TMA_ALIGN // t.element_size()
-    return TensorDescriptor(t, shape, strides, [1, 1, block_rows, shape[-1]])
+    return TensorDescriptor(t, shape, strides, [1, 1, block_rows, shape[-1]] if box is None else list(box))
 
 
 # positions of the per-config scalars in the argument tuple (see _build)
