@@ -312,6 +312,10 @@ def _host_rows(device, ops, flash_decode, captured, q, k, v, mask, scale, fill) 
         raise AssertionError("forward_known missed")
 
     cases = [("torch.ops.flashfuse.attention (the op as Inductor calls it)", lambda: op(*args))]
+    if hasattr(torch.ops.flashfuse, "attention_infer"):  # what a graph compiled without autograd calls
+        infer = torch.ops.flashfuse.attention_infer.default
+        cases.append(("torch.ops.flashfuse.attention_infer (the op of graphs without autograd)",
+                      lambda: infer(*args[:10])))  # fmt: skip
     if body is not None:
         cases.append(("  its Python body alone (the rest is the dispatcher)", lambda: body(*args)))
     cases.append(("    validate_attention_args", lambda: ops.validate_attention_args(q, k, v, mask, None, None)))

@@ -12,7 +12,10 @@ Random weights from a config (nothing downloaded). Methods:
 - ``sdpa``: ``attn_implementation="sdpa"``, not compiled
 - ``torch_compile``: the eager attention code + plain ``torch.compile`` (Inductor)
 - ``flashfuse``: the eager attention code + ``torch.compile(backend="flashfuse")``: the decode steps (one query
-  against the cache) run the split-KV kernel ``flash_decode``, the prefill the prefill kernel
+  against the cache) run the split-KV kernel ``flash_decode``, the prefill the prefill kernel; ``generate`` runs
+  under no_grad, so the graphs call the inference op ``flashfuse::attention_infer``
+- ``flashfuse_autograd_op`` (only when named in ``--methods``): flashfuse with ``options={"infer_op": False}``,
+  the op with autograd (more host time a call), to measure what the inference op saves
 
 Compilation: ``model.forward = torch.compile(model.forward, ...)`` (``torch.compile(model)`` would return a
 wrapper whose ``generate`` still calls the uncompiled module). Every method, compiled or not, uses a STATIC
@@ -47,8 +50,18 @@ if __name__ == "__main__":
 import torch
 
 METHODS = ("eager", "sdpa", "torch_compile", "flashfuse")
-ATTN = {"eager": "eager", "sdpa": "sdpa", "torch_compile": "eager", "flashfuse": "eager"}
-BACKEND = {"eager": None, "sdpa": None, "torch_compile": "inductor", "flashfuse": "flashfuse"}
+# not run unless named: flashfuse with options={"infer_op": False}, its graphs calling the op with autograd even
+# under no_grad (sessions <= 6's decode path), to measure what the inference op saves; and both compiled methods
+# with Inductor's C++ wrapper (options={"cpp_wrapper": True}: the graph's kernels launched from C++)
+EXTRA = ("flashfuse_autograd_op", "torch_compile_cpp_wrapper", "flashfuse_cpp_wrapper")
+ATTN = {"eager": "eager", "sdpa": "sdpa", "torch_compile": "eager", "flashfuse": "eager",
+        "flashfuse_autograd_op": "eager", "torch_compile_cpp_wrapper": "eager",
+        "flashfuse_cpp_wrapper": "eager"}  # fmt: skip
+BACKEND = {"eager": None, "sdpa": None, "torch_compile": "inductor", "flashfuse": "flashfuse",
+           "flashfuse_autograd_op": "flashfuse", "torch_compile_cpp_wrapper": "inductor",
+           "flashfuse_cpp_wrapper": "flashfuse"}  # fmt: skip
+OPTIONS = {"flashfuse_autograd_op": {"infer_op": False}, "torch_compile_cpp_wrapper": {"cpp_wrapper": True},
+           "flashfuse_cpp_wrapper": {"cpp_wrapper": True}}  # fmt: skip
 
 # Llama 3.2 1B's shape with a 32k vocabulary: 16 x (q, o: 2048^2; k, v: 2048 x 512; MLP 3 x 2048 x 8192)
 # + 2 x 32000 x 2048 = 1.10B parameters
@@ -100,10 +113,14 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
 
     row = {"method": method, "batch": ids.shape[0], "status": "ok", "note": ""}
     mark = report.collect()
+    # every method compiles the same function (transformers' forward wrapper): without a reset their graphs pile
+    # up in one code object's cache until Dynamo's recompile limit (8) sends a later method to eager
+    torch._dynamo.reset()
     try:
         model = build_model(config_kw, ids.shape[1] + args.new_tokens, dtype, device, ATTN[method])
         if BACKEND[method] is not None:
-            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False)
+            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False,
+                                          options=OPTIONS.get(method))
         start = time.perf_counter()
         _generate(model, ids, args.new_tokens, args.cache)  # warm-up: compiles the prefill and decode graphs
         _sync(device)
@@ -117,9 +134,11 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
             row["tokens_per_s"] = ids.shape[0] * args.new_tokens / tn
             row["note"] = "tokens/s over the whole run (t_N <= t_1)"
         row["tokens"] = out[:, ids.shape[1] :].cpu()
-        if method == "flashfuse":
+        if BACKEND[method] == "flashfuse":
             rep = report.last_report(mark)
-            row["note"] = f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs"
+            called = sorted({s.flags.get("op", "?") for s in rep.sites if s.rewritten})
+            row["note"] = (f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs "
+                           f"(op: {', '.join(called) or 'none'})")
             row["note"] += "; " + _decode_launch_note()
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
@@ -148,8 +167,10 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| method | batch | prefill ms | tokens/s | speedup vs best peer | same tokens as eager | status |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        # the best of the others; flashfuse's variants are not peers of one another
         peers = [p["tokens_per_s"] for p in rows
-                 if p["batch"] == r["batch"] and p["method"] != r["method"] and "tokens_per_s" in p]  # fmt: skip
+                 if p["batch"] == r["batch"] and p["method"] != r["method"] and "tokens_per_s" in p
+                 and not (BACKEND[p["method"]] == BACKEND[r["method"]] == "flashfuse")]  # fmt: skip
         ok = "tokens_per_s" in r
         speedup = f"{r['tokens_per_s'] / max(peers):.2f}x" if ok and peers else "n/a"
         prefill = f"{r['prefill_ms']:.1f}" if ok else "n/a"
@@ -167,7 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default 4096)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 64)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--reps", type=int, default=None, help="timed generate calls per measurement (median)")
     args = p.parse_args(argv)

@@ -12,6 +12,9 @@
 #              and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
+# PLAN=infer:  the inference op (flashfuse::attention_infer): its tests and the decode GPU tests, the decode op's
+#              host time (bench/decode.py --host), then 16-layer generation against torch.compile and against
+#              flashfuse with the autograd op (GEN_ARGS replaces the generate arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
 #
@@ -68,6 +71,13 @@ final)
     tests/models/test_training.py \
     -k "candidate or small_calls or (not sm90 and not schemes and (not train or train_gpu_bf16 and llama))"
   ;;
+infer)
+  step gpu_tests 120 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider tests/test_infer_op.py \
+    tests/kernels/test_flash_decode.py -k "gpu or infer"
+  step decode_host 60 "$OUT/decode_host.txt" python3 bench/decode.py --host
+  step generate "${GEN_LIMIT:-330}" "$OUT/generate.txt" python3 bench/generate.py \
+    ${GEN_ARGS:---layers 16 --batch 1 16 --new-tokens 32 --reps 3 --methods torch_compile flashfuse flashfuse_autograd_op}
+  ;;
 bwd)
   step tune_bwd128 150 "$OUT/tune_bwd.txt" python3 bench/tune_bwd.py --dims 128 --seqs 4096 --masks causal,full \
     --heads 16/16,32/8 --budget-s 120 --only "${BWD128:-64,128,128,64,8,2,8,3;64,128,128,64,8,2,8,3,1}"
@@ -115,6 +125,7 @@ esac
   [ -f "$OUT/bench.txt" ] && grep -E "^\|" "$OUT/bench.txt" | tail -40
   [ -f "$OUT/generate.txt" ] && grep -E "^\|" "$OUT/generate.txt" | tail -10
   [ -f "$OUT/op_host.txt" ] && grep -E "^\|" "$OUT/op_host.txt"
+  [ -f "$OUT/decode_host.txt" ] && grep -E "^\|" "$OUT/decode_host.txt"
   [ -f "$OUT/models.txt" ] && grep -vE "^\s*$" "$OUT/models.txt" | tail -16
 } >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -34,6 +34,9 @@ class Config:
     inductor: bool = True
     #: check each rewritten site against the original subgraph on the first call
     verify: bool = False
+    #: graphs compiled without autograd (grad mode off, or no input requiring grad) call the lighter
+    #: ``flashfuse::attention_infer`` op (same kernels, output only, less host time a call)
+    infer_op: bool = True
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -44,7 +47,7 @@ class Config:
         found: dict[str, Any] = {}
         if os.environ.get("FLASHFUSE_DEBUG_DIR"):
             found["debug_dir"] = os.environ["FLASHFUSE_DEBUG_DIR"]
-        for key in ("rewrite", "fp8", "verify", "inductor"):
+        for key in ("rewrite", "fp8", "verify", "inductor", "infer_op"):
             val = _env_bool(f"FLASHFUSE_{key.upper()}")
             if val is not None:
                 found[key] = val

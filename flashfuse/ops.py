@@ -414,8 +414,7 @@ def _draw_rng_state(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
 _FLASH_DECODE = None  # flashfuse.kernels.flash_decode, once a call has imported it (it imports triton)
 
 
-@torch.library.custom_op("flashfuse::attention", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _attention(
+def _attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -499,6 +498,49 @@ def _attention(
         dropout_p=dropout_p, dropout_mask=_reference_keep_mask(q, k, rng_state, dropout_p),
     )
     return out.contiguous(), lse.contiguous(), rng_state
+
+
+_attention = torch.library.custom_op("flashfuse::attention", _attention_impl, mutates_args=(),
+                                     tags=(torch.Tag.nondeterministic_seeded,))
+
+
+# NOTE: flashfuse::attention_infer is the op that graphs compiled without autograd call (grad mode off, as under
+# `generate`'s torch.no_grad(), or no input that requires grad): `attention`'s body and semantics without
+# dropout, its output alone (no lse, no rng_state). It is defined with `torch.library.Library` rather than
+# `custom_op` for host time: a custom_op call runs custom_op's Python layers (its autograd kernel, even under
+# no_grad, and the wrapper around the device kernel) before the body; a Library op goes from the dispatcher
+# straight to the body. Measured with a trivial body (CPU box, torch 2.13): custom_op 17-19 us over the body,
+# with or without an autograd formula; Library 5-6 us. A decode step is host-bound at batch 1 (bench/generate.py),
+# and this is one call per layer and token. No autograd kernel: the rewrite never emits it where a gradient can
+# flow (passes/__init__.py), and it is not a public entry point.
+_LIB = torch.library.Library("flashfuse", "FRAGMENT")
+_LIB.define(
+    "attention_infer(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, SymInt? window_left, "
+    "SymInt? window_right, float mask_fill, float softcap, Tensor? sinks=None, bool additive_fill=False, "
+    "bool probe_mask=False) -> Tensor"
+)
+
+
+def _attention_infer(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None,
+                     additive_fill=False, probe_mask=False):
+    fd = _FLASH_DECODE
+    if fd is not None and os.environ.get("FLASHFUSE_DECODE", "1") != "0":
+        hit = fd.forward_known(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks)
+        if hit is not None:  # the decode hot path, as in `_attention_impl`, without its rng_state allocation
+            return hit[0]
+    return _attention_impl(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks, 0.0,
+                           additive_fill, probe_mask)[0]
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("attention_infer", _attention_infer, _key)
+
+
+@torch.library.register_fake("flashfuse::attention_infer", lib=_LIB)
+def _attention_infer_fake(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks=None,
+                          additive_fill=False, probe_mask=False):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
 
 def _reference_keep_mask(q, k, rng_state, dropout_p, *, kernel: bool = False):

@@ -38,12 +38,15 @@ def test_debug_dir_dumps_every_pass_and_the_report(tmp_path):
     before = (folder / "00_input.py").read_text()
     after = (folder / "03_rewrite.py").read_text()
     assert "flashfuse.attention" not in before and "softmax" in before
-    assert after.count("torch.ops.flashfuse.attention.default(") == 1  # one site rewritten, one left alone
+    # one site rewritten, one left alone; no input requires grad: the inference op
+    assert after.count("torch.ops.flashfuse.attention_infer.default(") == 1
+    assert "torch.ops.flashfuse.attention.default(" not in after
     assert "f32[2, 4, 12, 16]" in after  # dtypes and shapes are shown
     data = json.loads((folder / "report.json").read_text())
     assert data["total"] == 2 and data["rewritten"] == 1
     (done,) = [s for s in data["sites"] if s["rewritten"]]
     assert done["flags"]["kernel"].startswith("flash_fwd (triton interpreter) BLOCK_M=32 BLOCK_N=16")
+    assert done["flags"]["op"] == "attention_infer"
     missed = [s for s in data["sites"] if not s["rewritten"]]
     assert "attention weights have 2 users" in missed[0]["reason"]
     assert "output_attentions=False" in missed[0]["hint"]

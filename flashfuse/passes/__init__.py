@@ -33,6 +33,19 @@ class PassContext:
     constants: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
     sites: list[AttentionSite | NearMiss] = dataclasses.field(default_factory=list)
     dumper: Any = None
+    #: the graph is compiled without autograd: sites call ``flashfuse::attention_infer`` (see `inference_graph`)
+    infer: bool = False
+
+
+def inference_graph(example_inputs, config: Config) -> bool:
+    """True when no output of this graph can need a gradient: grad mode is off (Dynamo guards on it, so the graph
+    is recompiled if it turns on) or no example input requires grad (Dynamo guards on each input's
+    ``requires_grad``). Then sites may call ``flashfuse::attention_infer``, which has no autograd."""
+    if not config.infer_op:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def _find(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
@@ -60,11 +73,16 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
         for term in site.masks:
             term.node = replaced.get(term.node, term.node)
-        replaced[site.pv] = rewrite_site(gm, site, fp8_check=_fp8_check(site) if ctx.config.fp8 else None)
+        replaced[site.pv] = rewrite_site(gm, site, fp8_check=_fp8_check(site) if ctx.config.fp8 else None,
+                                         infer=ctx.infer)
         fp8_reason = getattr(site, "fp8_refused", None)
         use_fp8 = ctx.config.fp8 and fp8_reason is None
         flags = dict(site.flags)
         flags["kernel"] = _fp8_kernel_name() if use_fp8 else _kernel_choice(site)
+        if use_fp8:
+            flags["op"] = "attention_fp8"
+        else:
+            flags["op"] = "attention_infer" if ctx.infer and not site.dropout else "attention"
         if ctx.config.fp8:
             flags["fp8"] = use_fp8
             if fp8_reason is not None:
@@ -184,7 +202,8 @@ def run_pipeline(gm: fx.GraphModule, example_inputs, config: Config, report: Gra
                  dumper=None) -> fx.GraphModule:
     work, val_map = copy_graph_module(gm)
     constants = {val_map[n]: v for n, v in _trusted_constants(gm, example_inputs).items()}
-    ctx = PassContext(config=config, report=report, constants=constants, dumper=dumper)
+    ctx = PassContext(config=config, report=report, constants=constants, dumper=dumper,
+                      infer=inference_graph(example_inputs, config))
     if dumper is not None:
         dumper.graph(0, "input", work)
     for index, (name, fn) in enumerate(PIPELINE, start=1):

@@ -98,8 +98,12 @@ def _to_softmax_layout(graph: fx.Graph, t: fx.Node, site: AttentionSite, like: f
     return insert_call(graph, torch.reshape, (t, new + last), like=like)
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True, fp8_check=None) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = True, fp8_check=None,
+                 infer: bool = False) -> fx.Node:
     """Rewrite one site; returns the node that now stands for the old ``p @ v``.
+
+    ``infer=True`` (the graph is compiled without autograd): a site without dropout calls
+    ``flashfuse::attention_infer`` (``ops.py``: the same computation, the output alone, less host time).
 
     ``replace=False`` only adds the fused call beside the original subgraph (verify mode compares them).
     ``fp8_check(q, k, v)``: given (``options={"fp8": True}``), it is asked with the traced values of the op's own
@@ -174,6 +178,15 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
             call = insert_call(graph, torch.ops.flashfuse.attention_fp8.default,
                                (q, k, v, None if site.scale is None else float(site.scale), window_right == 0),
                                like=pv)
+            out = call
+        elif infer and not site.dropout:
+            call = insert_call(
+                graph,
+                torch.ops.flashfuse.attention_infer.default,
+                (q, k, v, mask, None if site.scale is None else float(site.scale), window_left, window_right,
+                 float(site.mask_fill), float(site.softcap), sinks, bool(site.additive_fill), bool(probe_mask)),
+                like=pv,
+            )
             out = call
         else:
             call = insert_call(

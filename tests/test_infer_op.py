@@ -1,0 +1,207 @@
+"""``flashfuse::attention_infer``: the op that graphs compiled without autograd call (ops.py's NOTE).
+
+It must compute exactly what ``flashfuse::attention`` computes (same body, output only), and the rewrite must emit
+it only where no gradient can flow: grad mode off, or no graph input requiring grad; never for dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flashfuse import ops, testing
+from tests.helpers import compile_and_report, qkv
+
+FP32_MIN = torch.finfo(torch.float32).min
+
+
+def _infer(q, k, v, mask=None, scale=None, wl=None, wr=None, fill=-math.inf, softcap=0.0, sinks=None,
+           additive_fill=False, probe_mask=False):
+    return torch.ops.flashfuse.attention_infer.default(q, k, v, mask, scale, wl, wr, fill, softcap, sinks,
+                                                        additive_fill, probe_mask)
+
+
+def _full(q, k, v, mask=None, scale=None, wl=None, wr=None, fill=-math.inf, softcap=0.0, sinks=None,
+          additive_fill=False, probe_mask=False):
+    with torch.no_grad():
+        return torch.ops.flashfuse.attention.default(q, k, v, mask, scale, wl, wr, fill, softcap, sinks, 0.0,
+                                                     additive_fill, probe_mask)[0]
+
+
+CASES = {
+    # name: (B, Hq, Hkv, Sq, Sk, D, keyword arguments of the op)
+    "decode GQA, padding mask": (2, 8, 2, 1, 300, 32, {"mask": "pad", "fill": FP32_MIN}),
+    "decode Sq=4, causal, sinks": (1, 4, 4, 4, 272, 16, {"wr": 268, "sinks": True}),
+    "prefill causal GQA": (2, 4, 2, 24, 24, 16, {"wr": 0}),
+    "prefill window, softcap": (1, 2, 1, 33, 33, 32, {"wl": 7, "wr": 0, "softcap": 20.0}),
+}
+
+
+def _case(name, device):
+    B, Hq, Hkv, Sq, Sk, D, kw = CASES[name]
+    q, k, v = qkv(B, Hq, Sq, D, Hkv=Hkv, Sk=Sk, device=device, layout="bshd")
+    kw = dict(kw)
+    if kw.get("mask") == "pad":
+        keep = torch.arange(Sk, device=device)[None, :] >= torch.tensor([0, 37], device=device)[:, None]
+        kw["mask"] = torch.zeros(B, 1, 1, Sk, device=device).masked_fill(~keep[:, None, None, :], FP32_MIN)
+    if kw.get("sinks"):
+        kw["sinks"] = torch.randn(Hq, device=device)
+    else:
+        kw.pop("sinks", None)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_infer_op_computes_what_attention_computes(name, device):
+    q, k, v, kw = _case(name, device)
+    out = _infer(q, k, v, **kw)
+    assert torch.equal(out, _full(q, k, v, **kw))  # the same body: the same bits
+    ref, _ = testing.attention_ref(
+        q.double(), k.double(), v.double(), None if kw.get("mask") is None else kw["mask"].double(),
+        scale=q.shape[-1] ** -0.5, window_left=kw.get("wl"), window_right=kw.get("wr"),
+        mask_fill=kw.get("fill", -math.inf), softcap=kw.get("softcap", 0.0),
+        sinks=None if kw.get("sinks") is None else kw["sinks"].double())
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_infer_op_decode_steps_take_the_hot_path_and_read_new_data(device, monkeypatch):
+    # after the first call of a decode key, later calls skip the op's body (flash_decode.forward_known) and still
+    # compute each call's own data
+    pytest.importorskip("triton")
+    if device == "cpu" and not ops._interpreting():
+        pytest.skip("flash_decode runs on the GPU or under TRITON_INTERPRET=1")
+    B, Hq, Hkv, Sq, Sk, D = 1, 8, 2, 1, 300, 32
+    q, k, v = qkv(B, Hq, Sq, D, Hkv=Hkv, Sk=Sk, device=device)
+    _infer(q, k, v)
+    bodies = []
+    real = ops._attention_impl
+    monkeypatch.setattr(ops, "_attention_impl", lambda *a: bodies.append(a) or real(*a))
+    for _ in range(2):
+        q, k, v = qkv(B, Hq, Sq, D, Hkv=Hkv, Sk=Sk, device=device)
+        out = _infer(q, k, v)
+        ref, _ = testing.attention_ref(q.double(), k.double(), v.double(), scale=D**-0.5)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert bodies == []
+    monkeypatch.setenv("FLASHFUSE_DECODE", "0")  # the switch is still read on the hot path: the body runs
+    _infer(q, k, v)
+    assert len(bodies) == 1
+
+
+def test_infer_op_rejects_bad_arguments_by_name():
+    q, k, v = qkv(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="mask"):
+        _infer(q, k, v, torch.zeros(1, 1, 8, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="^v: sequence length 5"):
+        _infer(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="^q: dtype torch.int64"):
+        _infer(q.long(), k, v)
+
+
+def test_infer_op_fake_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        q, k, v = (mode.from_tensor(t) for t in qkv(2, 4, 5, 16, Hkv=2, Sk=9))
+        out = _infer(q, k, v)
+    assert out.shape == (2, 4, 5, 16) and out.dtype == torch.float32 and out.is_contiguous()
+
+
+def _naive(q, k, v):
+    return ((q @ k.transpose(-2, -1)) * 0.25).softmax(-1) @ v
+
+
+def _dropout(q, k, v):
+    return torch.nn.functional.dropout(((q @ k.transpose(-2, -1)) * 0.25).softmax(-1), 0.5, training=True) @ v
+
+
+def _ops_called(rep):
+    return [s.flags["op"] for s in rep.sites if s.rewritten]
+
+
+def test_rewrite_uses_the_infer_op_only_without_autograd():
+    q, k, v = qkv(S=12)
+    _, rep = compile_and_report(_naive, q, k, v)  # grad on, no input requires grad
+    assert _ops_called(rep) == ["attention_infer"]
+    _, rep = compile_and_report(_naive, q, k, v, infer_op=False)
+    assert _ops_called(rep) == ["attention"]
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    _, rep = compile_and_report(_naive, qg, kg, vg)
+    assert _ops_called(rep) == ["attention"]
+    with torch.no_grad():
+        _, rep = compile_and_report(_naive, qg, kg, vg)
+        assert _ops_called(rep) == ["attention_infer"]
+        _, rep = compile_and_report(_dropout, q, k, v)  # dropout draws an rng_state: the full op
+        assert _ops_called(rep) == ["attention"]
+
+
+def test_grad_mode_switch_recompiles_to_the_op_with_autograd():
+    # one compiled function: first under no_grad (the infer op), then with grad (Dynamo's grad-mode guard fails,
+    # the graph is recompiled with the autograd op): the gradients are the eager ones
+    q, k, v = (t.requires_grad_() for t in qkv(S=12))
+    f = torch.compile(_naive, backend="flashfuse", options={"inductor": False})
+    with torch.no_grad():
+        out = f(q, k, v)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, _naive(q, k, v).detach())
+    out = f(q, k, v)
+    assert out.requires_grad
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(_naive(q, k, v).square().sum(), (q, k, v))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_infer_op_through_inductor_matches_eager():
+    q, k, v = qkv(S=20, Hkv=2, H=4)
+    mask = torch.zeros(2, 1, 1, 20).masked_fill(torch.arange(20) < 3, FP32_MIN)
+
+    def fn(q, k, v, mask):
+        k2, v2 = (t.repeat_interleave(2, dim=1) for t in (k, v))
+        return ((q @ k2.transpose(-2, -1)) / 4.0 + mask).softmax(-1) @ v2
+
+    with torch.no_grad():
+        out, rep = compile_and_report(fn, q, k, v, mask, inductor=True)
+    assert _ops_called(rep) == ["attention_infer"]
+    torch.testing.assert_close(out, fn(q, k, v, mask), atol=2e-5, rtol=2e-5)
+
+
+def _hf_decode(q, k, v, mask):
+    # transformers' eager attention for one new token: repeat_kv, scores + the static cache's additive mask,
+    # softmax in float32, cast back
+    B, Hkv, Sk, D = k.shape
+    n_rep = q.shape[1] // Hkv
+    k, v = (t[:, :, None].expand(B, Hkv, n_rep, Sk, D).reshape(B, Hkv * n_rep, Sk, D) for t in (k, v))
+    w = q @ k.transpose(2, 3) * D**-0.5 + mask
+    return torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_decode_step_calls_the_infer_op_on_the_hot_path():
+    from flashfuse.kernels import flash_decode
+    from tests.helpers import assert_matches_eager
+
+    B, Hq, Hkv, Sk, D, dt = 2, 32, 8, 4096, 128, torch.bfloat16
+    mask = torch.zeros(B, 1, 1, Sk, device="cuda", dtype=dt)
+    mask[..., 3001:] = torch.finfo(dt).min  # the static cache's empty slots
+
+    def inputs():
+        q = torch.randn(B, 1, Hq, D, device="cuda", dtype=dt).transpose(1, 2)
+        return q, *(torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dt) for _ in range(2))
+
+    from flashfuse import report
+
+    torch._dynamo.reset()
+    mark = report.collect()
+    f = torch.compile(_hf_decode, backend="flashfuse")
+    with torch.no_grad():
+        for _ in range(3):  # the first call compiles and validates; the later ones take the hot path
+            q, k, v = inputs()
+            out = f(q, k, v, mask)
+            assert_matches_eager(_hf_decode, (q, k, v, mask), out)
+    assert _ops_called(report.last_report(since=mark)) == ["attention_infer"]
+    hot = [launch for launch in flash_decode._LAUNCHES.values() if launch.op_checked and launch.out_shape[0] == B]
+    assert hot, "the decode step never reached flash_decode's hot path"
