@@ -5,6 +5,7 @@
     python bench/generate.py --layers 4      # the same layers, fewer of them (compiles 4x faster)
     python bench/generate.py --batch 1 --new-tokens 128
     python bench/generate.py --cpu --tiny    # smoke test: a 1-layer model, fp32, CPU (Triton interpreter), batch 1
+    python bench/generate.py --interleave    # every model built first, then timed in rotating rounds (less drift)
 
 Random weights from a config (nothing downloaded). Methods:
 
@@ -191,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTRA)
     p.add_argument("--cache", choices=("static", "dynamic"), default="static")
     p.add_argument("--reps", type=int, default=None, help="timed generate calls per measurement (median)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build and warm up every method first, then time them in rotating rounds (--reps rounds)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -205,6 +208,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (tokens/s is measured past the first token)")
     return args
+
+
+def _one_time(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args) -> list[dict]:
+    """``--interleave``: every method's model built and warmed up first, then ``reps`` rounds that time each method
+    once (the order rotating each round), so that a drift of the machine over the run (clocks, other tenants)
+    falls on every method alike; medians per method."""
+    from flashfuse import report
+
+    device = args.device
+    for name in ("recompile_limit", "cache_size_limit"):  # all models' graphs stay in one code object's cache
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    torch._dynamo.reset()
+    rows, models = [], {}
+    for method in methods:
+        row = {"method": method, "batch": ids.shape[0], "status": "ok", "note": "", "t1": [], "tn": []}
+        mark = report.collect()
+        try:
+            model = build_model(config_kw, ids.shape[1] + args.new_tokens, args.dtype, device, ATTN[method])
+            if BACKEND[method] is not None:
+                model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False,
+                                              options=OPTIONS.get(method))
+            row["warmup_s"] = _one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)
+            row["tokens"] = _generate(model, ids, args.new_tokens, args.cache)[:, ids.shape[1]:].cpu()
+            models[method] = model
+            if BACKEND[method] == "flashfuse":
+                rep = report.last_report(mark)
+                called = sorted({s.flags.get("op", "?") for s in rep.sites if s.rewritten})
+                row["note"] = (f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs "
+                               f"(op: {', '.join(called) or 'none'})")
+        except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others' numbers
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        rows.append(row)
+        print(f"#   {method} batch {ids.shape[0]}: {row['status']}, warm-up {row.get('warmup_s', float('nan')):.1f} s",
+              flush=True)  # fmt: skip
+    live = [r for r in rows if r["method"] in models]
+    for rnd in range(args.reps):
+        for r in live[rnd % len(live):] + live[: rnd % len(live)]:
+            model = models[r["method"]]
+            r["t1"].append(_one_time(lambda: _generate(model, ids, 1, args.cache), device))
+            r["tn"].append(_one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device))
+    for r in live:
+        t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
+        r["prefill_ms"] = t1 * 1e3
+        r["tokens_per_s"] = ids.shape[0] * (args.new_tokens - 1) / (tn - t1) if tn > t1 else float("nan")
+        per_round = [ids.shape[0] * (args.new_tokens - 1) / (b - a) for a, b in zip(r["t1"], r["tn"]) if b > a]
+        if per_round:
+            r["note"] += (("; " if r["note"] else "") + f"tokens/s per round: min {min(per_round):.1f}, "
+                          f"max {max(per_round):.1f} ({len(per_round)} rounds)")
+    models.clear()
+    gc.collect()
+    return rows
 
 
 def main(argv=None) -> int:
@@ -224,15 +287,21 @@ def main(argv=None) -> int:
         torch.manual_seed(1)
         ids = torch.randint(1, c["vocab_size"], (batch, args.context), device=args.device)
         eager_tokens = None
-        for method in args.methods:
-            row = run_method(method, c, ids, args)
-            if method == "eager" and "tokens" in row:
+        if args.interleave:
+            batch_rows = run_interleaved(args.methods, c, ids, args)
+        else:
+            batch_rows = []
+            for method in args.methods:
+                batch_rows.append(run_method(method, c, ids, args))
+                row = batch_rows[-1]
+                print(f"#   {method} batch {batch}: {row['status']}, warm-up {row.get('warmup_s', float('nan')):.1f} "
+                      "s", flush=True)  # fmt: skip
+        for row in batch_rows:
+            if row["method"] == "eager" and "tokens" in row:
                 eager_tokens = row["tokens"]
             if "tokens" in row and eager_tokens is not None:
                 row["same"] = "yes" if torch.equal(row["tokens"], eager_tokens) else "no"
             rows.append(row)
-            print(f"#   {method} batch {batch}: {row['status']}, warm-up {row.get('warmup_s', float('nan')):.1f} s",
-                  flush=True)  # fmt: skip
     print()
     print(format_table(rows))
     for r in rows:

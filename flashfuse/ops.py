@@ -543,6 +543,34 @@ def _attention_infer_fake(q, k, v, mask, scale, window_left, window_right, mask_
     return q.new_empty((B, Hq, Sq, v.shape[-1]))
 
 
+def _static(t) -> bool:
+    return t is None or all(isinstance(n, int) for n in (*t.shape, *t.stride()))
+
+
+def decode_inline_refusal(q, k, v, mask, scale, window_left, window_right, mask_fill, softcap, sinks) -> str | None:
+    """None if a site may call ``flashfuse::decode_inline`` (flash_decode.py's NOTE) with these traced values, else
+    why not. Asked by the rewrite for graphs without autograd; the op's own checks, at compile time."""
+    if os.environ.get("FLASHFUSE_DECODE", "1") == "0" or os.environ.get("FLASHFUSE_DECODE_INLINE", "1") == "0":
+        return "switched off (FLASHFUSE_DECODE / FLASHFUSE_DECODE_INLINE)"
+    if q.device.type != "cuda" or _interpreting():
+        return "not a CUDA graph (the Triton interpreter needs the opaque op)"
+    if not all(_static(t) for t in (q, k, v, mask, sinks)):
+        return "symbolic sizes or strides (the launch arguments are fixed at compile time)"
+    if not all(w is None or isinstance(w, int) for w in (window_left, window_right)):
+        return "a symbolic window"
+    try:
+        validate_attention_args(q, k, v, mask, window_left, window_right)
+        _validate_sinks(q, sinks)
+    except ValueError as exc:
+        return str(exc)
+    from flashfuse.kernels import flash_decode
+
+    if flash_decode.INLINE_OP is None:
+        return "this torch has no torch.library.triton_op"
+    return flash_decode.supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
+                                 mask_fill=mask_fill, softcap=softcap, sinks=sinks)
+
+
 def _reference_keep_mask(q, k, rng_state, dropout_p, *, kernel: bool = False):
     """The keep-mask for the reference path (torch RNG), or the kernels' (``kernel=True``); None for p = 0."""
     if dropout_p == 0:

@@ -205,3 +205,143 @@ def test_gpu_compiled_decode_step_calls_the_infer_op_on_the_hot_path():
     assert _ops_called(report.last_report(since=mark)) == ["attention_infer"]
     hot = [launch for launch in flash_decode._LAUNCHES.values() if launch.op_checked and launch.out_shape[0] == B]
     assert hot, "the decode step never reached flash_decode's hot path"
+
+
+# --- flashfuse::decode_inline (flash_decode.py's NOTE): the decode step as a triton_op Inductor launches itself ---
+
+INLINE_CASES = {
+    # name: (B, Hq, Hkv, Sq, Sk, D, keyword arguments)
+    "GQA, additive finite fill (v-sum path)": (2, 8, 2, 1, 300, 32, {"mask": "pad", "fill": FP32_MIN}),
+    "Sq=3, bool mask, sinks": (1, 4, 1, 3, 280, 16, {"mask": "bool", "sinks": True}),
+    "window, finite fill (mean of v path), softcap": (1, 4, 2, 2, 300, 16, {"wl": 40, "wr": 298, "fill": FP32_MIN,
+                                                                              "softcap": 10.0}),
+}
+
+
+def _inline_case(name, device):
+    B, Hq, Hkv, Sq, Sk, D, kw = INLINE_CASES[name]
+    q, k, v = qkv(B, Hq, Sq, D, Hkv=Hkv, Sk=Sk, device=device, layout="bshd")
+    kw = dict(kw)
+    keep = torch.arange(Sk, device=device)[None, :] >= torch.tensor([0, 37][:B], device=device)[:, None]
+    if kw.get("mask") == "pad":
+        kw["mask"] = torch.zeros(B, 1, 1, Sk, device=device).masked_fill(~keep[:, None, None, :], FP32_MIN)
+    elif kw.get("mask") == "bool":
+        kw["mask"] = keep[:, None, None, :] & (torch.rand(B, 1, Sq, Sk, device=device) > 0.2)
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(Hq, device=device)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("name", list(INLINE_CASES))
+def test_decode_inline_runs_flash_decode_s_kernels(name, device):
+    # called outside a graph, the triton_op runs the same two kernels with the same plan: the same bits as
+    # flash_decode_forward; and the values are the float64 reference's
+    fd = pytest.importorskip("flashfuse.kernels.flash_decode")
+    if device == "cpu" and not ops._interpreting():
+        pytest.skip("the kernels run on the GPU or under TRITON_INTERPRET=1")
+    if fd.INLINE_OP is None:
+        pytest.skip("this torch has no torch.library.triton_op")
+    q, k, v, kw = _inline_case(name, device)
+    fill, scale = kw.get("fill", -math.inf), q.shape[-1] ** -0.5
+    out = fd.INLINE_OP(q, k, v, kw.get("mask"), scale, kw.get("wl"), kw.get("wr"), fill, kw.get("softcap", 0.0),
+                       kw.get("sinks"))
+    want, _ = fd.flash_decode_forward(q, k, v, kw.get("mask"), scale=scale, window_left=kw.get("wl"),
+                                      window_right=kw.get("wr"), mask_fill=fill, softcap=kw.get("softcap", 0.0),
+                                      sinks=kw.get("sinks"))
+    assert torch.equal(out, want)
+    m = kw.get("mask")
+    ref, _ = testing.attention_ref(
+        q.double(), k.double(), v.double(), None if m is None else (m if m.dtype == torch.bool else m.double()),
+        scale=scale, window_left=kw.get("wl"), window_right=kw.get("wr"), mask_fill=fill,
+        softcap=kw.get("softcap", 0.0), sinks=None if kw.get("sinks") is None else kw["sinks"].double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_inline_refusal_reasons(monkeypatch):
+    # the rewrite's question, asked with traced (fake) CUDA values: None for a decode step, else a reason
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fd = pytest.importorskip("flashfuse.kernels.flash_decode")
+    if fd.INLINE_OP is None:
+        pytest.skip("this torch has no torch.library.triton_op")
+    monkeypatch.setattr(ops, "_interpreting", lambda: False)  # CUDA values without a GPU: as on a GPU host
+    monkeypatch.setattr(fd, "_interpreting", lambda: False)
+    fill = FP32_MIN
+    with FakeTensorMode():
+        q = torch.empty(2, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.empty(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+        mask = torch.empty(2, 1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+        prefill = torch.empty(2, 32, 64, 128, device="cuda", dtype=torch.bfloat16)
+        short = torch.empty(2, 8, 100, 128, device="cuda", dtype=torch.bfloat16)
+        int_mask = torch.empty(2, 1, 1, 4096, device="cuda", dtype=torch.int32)
+
+        def ask(q=q, k=k, v=k, mask=mask, wl=None, wr=None):
+            return ops.decode_inline_refusal(q, k, v, mask, 128**-0.5, wl, wr, fill, 0.0, None)
+
+        assert ask() is None
+        assert ask(wl=100, wr=4095) is None
+        assert "Sq = 64 > 16" in ask(q=prefill, mask=None)
+        assert "Sk = 100 < 256" in ask(k=short, v=short, mask=None)
+        assert ask(mask=int_mask).startswith("mask: dtype torch.int32")
+        monkeypatch.setenv("FLASHFUSE_DECODE_INLINE", "0")
+        assert "switched off" in ask()
+    monkeypatch.delenv("FLASHFUSE_DECODE_INLINE")
+    cpu = torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 300, 16)
+    assert "not a CUDA graph" in ops.decode_inline_refusal(cpu[0], cpu[1], cpu[1], None, 0.25, None, None, fill,
+                                                           0.0, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sq", [1, 4])
+def test_gpu_compiled_decode_step_launches_decode_inline_from_inductor(sq):
+    # the decode step's kernels in Inductor's own code (no opaque op call); ragged left padding per batch element
+    # (a mask with a real batch stride) and Sq = 4 (row strides) check that the baked strides are the run's
+    from torch._inductor.utils import run_and_get_code
+
+    from flashfuse import report
+    from tests.helpers import assert_matches_eager
+
+    B, Hq, Hkv, Sk, D, dt = 3, 32, 8, 4096, 128, torch.bfloat16
+    pos = torch.arange(Sk, device="cuda")
+    keep = (pos[None, :] >= torch.tensor([0, 100, 2000], device="cuda")[:, None])[:, None, None, :]
+    keep = keep & (pos <= 3000 + torch.arange(sq, device="cuda")[:, None])  # [B, 1, Sq, Sk]: causal in the cache
+    mask = torch.zeros(B, 1, sq, Sk, device="cuda", dtype=dt).masked_fill(~keep, torch.finfo(dt).min)
+    q = torch.randn(B, sq, Hq, D, device="cuda", dtype=dt).transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dt) for _ in range(2))
+    torch._dynamo.reset()
+    mark = report.collect()
+    f = torch.compile(_hf_decode, backend="flashfuse")
+    with torch.no_grad():
+        out, code = run_and_get_code(f, q, k, v, mask)
+    assert _ops_called(report.last_report(since=mark)) == ["decode_inline"]
+    code = "\n".join(code)
+    assert "_decode_split" in code and "_decode_merge" in code and "flashfuse.attention" not in code
+    assert_matches_eager(_hf_decode, (q, k, v, mask), out)
+    with torch.no_grad():
+        q2 = torch.randn_like(q)
+        assert_matches_eager(_hf_decode, (q2, k, v, mask), f(q2, k, v, mask))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_inline_kernels_write_only_their_outputs():
+    # Inductor's analysis of which kernel arguments a user-defined kernel writes: were it to fail, Inductor would
+    # clone every tensor argument before each launch -- the whole K/V cache, every layer, every token
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flashfuse.kernels import flash_decode
+
+    dt = torch.bfloat16
+    q = torch.randn(2, 1, 32, 128, device="cuda", dtype=dt).transpose(1, 2)
+    k, v = (torch.randn(2, 8, 4096, 128, device="cuda", dtype=dt) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 4096, device="cuda", dtype=dt)
+
+    def step(q, k, v, mask):
+        return flash_decode.INLINE_OP(q, k, v, mask, 128**-0.5, None, None, torch.finfo(dt).min, 0.0, None)
+
+    gm = make_fx(dispatch_functionalize(step), tracing_mode="fake")(q, k, v, mask)
+    clones = [list(n.kwargs["tensors_to_clone"]) for n in gm.graph.nodes
+              if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert clones == [["Part"], ["Out", "LSE"]], clones

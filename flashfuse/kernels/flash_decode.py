@@ -42,6 +42,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 import triton
@@ -1205,3 +1206,64 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
     aligned = launch.fast and _aligned5(ws, vm_arg, stat, out, lse)
     _run(_decode_merge, launch, _MERGE, launch.merge_grid, merge_args, launch.merge_meta, aligned)
     return out, lse
+
+
+# NOTE: flashfuse::decode_inline -- a decode step whose two kernels Inductor launches from its own generated code.
+# The opaque ops (`flashfuse::attention`, `flashfuse::attention_infer`) cost a dispatcher round trip into Python,
+# the op's body (call key, look-up, three allocations) and two launches through Triton's launcher on every call:
+# bench/decode.py --host measured 67 us a call on an H200 host where the kernels take 11 us, and batch-1 generation
+# is host-bound. A `torch.library.triton_op` instead is traced once, at compile time, into
+# `triton_kernel_wrapper_functional` calls (`wrap_triton`): the plan, the split count, the argument values are
+# computed then from the traced shapes and strides (static: the rewrite emits this op only when every size and
+# stride is an int), and Inductor allocates the buffers and launches the kernels like its own (from C++ with
+# options={"cpp_wrapper": True}). Inductor gives every input of a user-defined Triton kernel exactly the strides it
+# was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the strides baked into the arguments
+# hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
+# merge waits for the split kernel to finish), the op's run-time fallbacks (a config that fails to compile fails
+# the compile, which flashfuse's backend then redoes without rewrites), and the Triton interpreter (DESIGN.md: a
+# triton_op cannot be traced under TRITON_INTERPRET=1, so CPU graphs keep the opaque op). Called outside a compiled
+# graph it runs the same kernels through Triton's own launch.
+def _decode_inline(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: Optional[int],
+    window_right: Optional[int],
+    mask_fill: float,
+    softcap: float,
+    sinks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    launch = _build(q, k, v, mask, sinks, scale, window_left, window_right, mask_fill, softcap, None, None)
+    device = launch.device
+    out = torch.empty(launch.out_shape, dtype=launch.dtype, device=device)
+    if launch.empty:
+        return out
+    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=device)
+    ws = torch.empty(launch.ws_numel, dtype=torch.float32, device=device)
+    mask_arg = q if mask is None else (mask.view(torch.uint8) if launch.mask_bool else mask)
+    split_meta = {**launch.split_meta, "PDL": False}
+    wrap_triton(_decode_split)[launch.split_grid](q, k, v, mask_arg, ws, *launch.split_tail, **split_meta)
+    if launch.vmean:
+        vm = torch.mean(v, dim=-2, dtype=torch.float32)
+        vm_arg, vm_strides = vm, vm.stride()
+    else:  # not read (a constexpr branch): any read-only tensor
+        vm_arg, vm_strides = q, (0, 0, 0)
+    stat = q if sinks is None else sinks  # read only with HAS_SINKS
+    merge_meta = {name: val for name, val in launch.merge_meta.items() if name != "launch_pdl"}
+    merge_meta["PDL"] = False
+    wrap_triton(_decode_merge)[launch.merge_grid](
+        ws, *launch.part_offsets, vm_arg, stat, out, lse, *vm_strides, *launch.merge_tail, **merge_meta)
+    return out
+
+
+INLINE_OP = None  # torch.ops.flashfuse.decode_inline.default where this torch has torch.library.triton_op
+if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    try:
+        torch.library.triton_op("flashfuse::decode_inline", _decode_inline, mutates_args=())
+        INLINE_OP = torch.ops.flashfuse.decode_inline.default
+    except Exception as _exc:  # noqa: BLE001 -- another torch: the opaque ops remain
+        log.info("flash_decode: no flashfuse::decode_inline (%s: %s)", type(_exc).__name__, _exc)

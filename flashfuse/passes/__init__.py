@@ -79,10 +79,9 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         use_fp8 = ctx.config.fp8 and fp8_reason is None
         flags = dict(site.flags)
         flags["kernel"] = _fp8_kernel_name() if use_fp8 else _kernel_choice(site)
-        if use_fp8:
-            flags["op"] = "attention_fp8"
-        else:
-            flags["op"] = "attention_infer" if ctx.infer and not site.dropout else "attention"
+        flags["op"] = "attention_fp8" if use_fp8 else getattr(site, "op_emitted", "attention")
+        if flags["op"] == "attention_infer" and getattr(site, "inline_refused", None):
+            flags["decode_inline_refused"] = site.inline_refused  # a decode site on the GPU kept the opaque op
         if ctx.config.fp8:
             flags["fp8"] = use_fp8
             if fp8_reason is not None:

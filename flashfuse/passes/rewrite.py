@@ -7,6 +7,7 @@ erased. Ranks 2 and 3 (``[S, D]``, ``[B*H, S, D]``) are lifted to 4-D with ``uns
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -179,7 +180,18 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
                                (q, k, v, None if site.scale is None else float(site.scale), window_right == 0),
                                like=pv)
             out = call
+        elif infer and not site.dropout and _decode_inline_ok(site, q, k, v, mask, window_left, window_right, sinks):
+            call = insert_call(
+                graph,
+                torch.ops.flashfuse.decode_inline.default,
+                (q, k, v, mask, _scale_value(site, q), window_left, window_right, float(site.mask_fill),
+                 float(site.softcap), sinks),
+                like=pv,
+            )
+            out = call
+            site.op_emitted = "decode_inline"
         elif infer and not site.dropout:
+            site.op_emitted = "attention_infer"
             call = insert_call(
                 graph,
                 torch.ops.flashfuse.attention_infer.default,
@@ -210,6 +222,32 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, *, replace: bool = Tru
     pv.replace_all_uses_with(out)
     _erase_dead(graph, site.chain)
     return out
+
+
+def _scale_value(site: AttentionSite, q: fx.Node) -> float:
+    """The site's scale as a float; the op's ``1 / sqrt(D)`` (same expression) where the graph proved that."""
+    return float(site.scale) if site.scale is not None else 1.0 / math.sqrt(tensor_val(q).shape[-1])
+
+
+def _decode_inline_ok(site: AttentionSite, q, k, v, mask, window_left, window_right, sinks) -> bool:
+    """The site may call ``flashfuse::decode_inline``; else ``site.inline_refused`` says why (the report shows it)."""
+    from flashfuse.ops import decode_inline_refusal
+
+    vals = [None if n is None else tensor_val(n) for n in (q, k, v, mask, sinks)]
+    sq = vals[0].shape[-2]
+    if vals[0].device.type != "cuda" or (isinstance(sq, int) and sq > 16):
+        return False  # not a decode site on the GPU: nothing to report
+    if any(isinstance(w, fx.Node) for w in (window_left, window_right)):
+        site.inline_refused = "a symbolic window"
+        return False
+    try:
+        scale = _scale_value(site, q)
+        reason = decode_inline_refusal(vals[0], vals[1], vals[2], vals[3], scale, window_left, window_right,
+                                       float(site.mask_fill), float(site.softcap), vals[4])
+    except Exception as exc:  # noqa: BLE001 -- the decision must not break a compile: the opaque op, say why
+        reason = f"not checkable ({type(exc).__name__}: {exc})"
+    site.inline_refused = reason
+    return reason is None
 
 
 def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
