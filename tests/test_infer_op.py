@@ -180,9 +180,12 @@ def _hf_decode(q, k, v, mask):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_compiled_decode_step_calls_the_infer_op_on_the_hot_path():
+def test_gpu_compiled_decode_step_calls_the_infer_op_on_the_hot_path(monkeypatch):
+    # with the inline decode op switched off, the opaque inference op and flash_decode's hot path
     from flashfuse.kernels import flash_decode
     from tests.helpers import assert_matches_eager
+
+    monkeypatch.setenv("FLASHFUSE_DECODE_INLINE", "0")
 
     B, Hq, Hkv, Sk, D, dt = 2, 32, 8, 4096, 128, torch.bfloat16
     mask = torch.zeros(B, 1, 1, Sk, device="cuda", dtype=dt)
@@ -202,7 +205,9 @@ def test_gpu_compiled_decode_step_calls_the_infer_op_on_the_hot_path():
             q, k, v = inputs()
             out = f(q, k, v, mask)
             assert_matches_eager(_hf_decode, (q, k, v, mask), out)
-    assert _ops_called(report.last_report(since=mark)) == ["attention_infer"]
+    rep = report.last_report(since=mark)
+    assert _ops_called(rep) == ["attention_infer"]
+    assert rep.sites[0].flags["decode_inline_refused"].startswith("switched off")  # the report says why
     hot = [launch for launch in flash_decode._LAUNCHES.values() if launch.op_checked and launch.out_shape[0] == B]
     assert hot, "the decode step never reached flash_decode's hot path"
 
