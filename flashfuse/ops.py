@@ -1,12 +1,15 @@
-"""The custom ops: ``flashfuse::attention`` (forward, returns ``(out, lse)``) and its backward.
+"""The custom ops: ``flashfuse::attention`` (forward, returns ``(out, lse)``) and its backward, and
+``flashfuse::attention_infer`` (the same forward for graphs without autograd, output only; NOTE below).
 
-Both are opaque ``torch.library.custom_op``s with fake implementations, so Dynamo, AOTAutograd and
+The first two are opaque ``torch.library.custom_op``s with fake implementations, so Dynamo, AOTAutograd and
 Inductor trace them with symbolic shapes and Inductor calls them as extern kernels.
 
 NOTE: why not ``triton_op`` + ``wrap_triton``: under ``TRITON_INTERPRET=1`` (CPU CI), ``torch.compile``
 cannot trace into a ``triton_op`` -- it runs the interpreter on fake tensors and fails with "Cannot
 access data pointer of Tensor" (torch 2.13, triton 3.9). The opaque op compiles and runs there. On the
-GPU an Inductor-visible ``triton_op`` is an option for the speed issue, to be measured first.
+GPU, inference decode steps call ``flashfuse::decode_inline`` (a ``triton_op`` in kernels/flash_decode.py,
+chosen by the rewrite through `decode_inline_refusal`): measured on the H200 (session 7), batch-1 generation
+went from 0.88-1.04x plain torch.compile with the opaque ops to 1.18x.
 
 Dispatch inside the op: CUDA tensors -> the Triton kernel; CPU tensors -> the same Triton kernel under
 the interpreter when ``TRITON_INTERPRET=1``, else the float32 reference (``flashfuse.testing``), so a
