@@ -34,8 +34,8 @@ class Config:
     inductor: bool = True
     #: check each rewritten site against the original subgraph on the first call
     verify: bool = False
-    #: graphs compiled without autograd (grad mode off, or no input requiring grad) call the lighter
-    #: ``flashfuse::attention_infer`` op (same kernels, output only, less host time a call)
+    #: sites whose output cannot need a gradient (grad mode off, or nothing upstream requires grad) call the
+    #: lighter ops ``flashfuse::attention_infer`` / ``decode_inline`` (same kernels, output only, less host time)
     infer_op: bool = True
 
     @classmethod

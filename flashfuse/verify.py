@@ -36,7 +36,7 @@ TOLERANCE = {
 
 def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.GraphModule, list[str]]:
     """The original graph plus, per rewritten site, ``(original p @ v, fused call)`` as extra outputs."""
-    from flashfuse.passes import _fp8_check, _trusted_constants, copy_graph_module, inference_graph
+    from flashfuse.passes import _fp8_check, _trusted_constants, copy_graph_module, inference_site
     from flashfuse.passes.attention import AttentionSite, find_sites
     from flashfuse.passes.canonicalize import canonicalize
     from flashfuse.passes.rewrite import rewrite_site
@@ -45,12 +45,11 @@ def build_side_by_side(gm: fx.GraphModule, example_inputs, config: Config) -> tu
     constants = {val_map[n]: v for n, v in _trusted_constants(gm, example_inputs).items()}
     canonicalize(work)
     pairs, sources = [], []
-    infer = inference_graph(example_inputs, config)
     for site in find_sites(work, config, constants):
         if isinstance(site, AttentionSite):
             # the same decision as the real rewrite (run_pipeline): an FP8 site is checked as the FP8 op
             fp8_check = _fp8_check(site) if config.fp8 else None
-            fused = rewrite_site(work, site, replace=False, fp8_check=fp8_check, infer=infer)
+            fused = rewrite_site(work, site, replace=False, fp8_check=fp8_check, infer=inference_site(site, config))
             pairs.extend([site.pv, fused])
             sources.append(site.source)
     output = next(n for n in work.graph.nodes if n.op == "output")

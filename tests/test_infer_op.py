@@ -137,6 +137,24 @@ def test_rewrite_uses_the_infer_op_only_without_autograd():
         assert _ops_called(rep) == ["attention"]
 
 
+def test_the_choice_is_per_site():
+    # one graph, grad on: the site whose q requires grad keeps the autograd op (its gradient is right), the site
+    # fed only by tensors that need none calls the inference op
+    q, k, v = qkv(S=12)
+    qg = q.clone().requires_grad_()
+
+    def two(qg, q, k, v):
+        return _naive(qg, k, v), _naive(q, k, v)
+
+    (out_g, out), rep = compile_and_report(two, qg, q, k, v)
+    assert _ops_called(rep) == ["attention", "attention_infer"]
+    assert out_g.requires_grad and not out.requires_grad
+    grad, = torch.autograd.grad(out_g.sum(), qg)
+    want, = torch.autograd.grad(_naive(qg, k, v).sum(), qg)
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, _naive(q, k, v), atol=2e-5, rtol=2e-5)
+
+
 def test_grad_mode_switch_recompiles_to_the_op_with_autograd():
     # one compiled function: first under no_grad (the infer op), then with grad (Dynamo's grad-mode guard fails,
     # the graph is recompiled with the autograd op): the gradients are the eager ones
@@ -288,6 +306,7 @@ def test_decode_inline_refusal_reasons(monkeypatch):
         assert "Sq = 64 > 16" in ask(q=prefill, mask=None)
         assert "Sk = 100 < 256" in ask(k=short, v=short, mask=None)
         assert ask(mask=int_mask).startswith("mask: dtype torch.int32")
+        assert "boolean mask" in ask(mask=torch.empty(2, 1, 1, 4096, device="cuda", dtype=torch.bool))
         monkeypatch.setenv("FLASHFUSE_DECODE_INLINE", "0")
         assert "switched off" in ask()
     monkeypatch.delenv("FLASHFUSE_DECODE_INLINE")

@@ -33,19 +33,20 @@ class PassContext:
     constants: dict[fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
     sites: list[AttentionSite | NearMiss] = dataclasses.field(default_factory=list)
     dumper: Any = None
-    #: the graph is compiled without autograd: sites call ``flashfuse::attention_infer`` (see `inference_graph`)
-    infer: bool = False
 
 
-def inference_graph(example_inputs, config: Config) -> bool:
-    """True when no output of this graph can need a gradient: grad mode is off (Dynamo guards on it, so the graph
-    is recompiled if it turns on) or no example input requires grad (Dynamo guards on each input's
-    ``requires_grad``). Then sites may call ``flashfuse::attention_infer``, which has no autograd."""
+def inference_site(site: AttentionSite, config: Config) -> bool:
+    """True when the site's output can never need a gradient, so it may call an op without autograd
+    (``flashfuse::attention_infer`` / ``decode_inline``): its traced value (Dynamo's fake ``p @ v``) does not
+    require grad. Dynamo traced it under the grad mode and the inputs' ``requires_grad`` that its guards check, so
+    a call where either differs recompiles. Per site, not per graph: a parameter held as a graph attribute, or a
+    learned bias on one site, needs no graph input to require grad. No traced value: not provable, False."""
     if not config.infer_op:
         return False
-    if not torch.is_grad_enabled():
-        return True
-    return not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    from flashfuse.passes.graph_utils import tensor_val
+
+    value = tensor_val(site.pv)
+    return value is not None and not value.requires_grad
 
 
 def _find(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
@@ -74,7 +75,7 @@ def _rewrite(gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         for term in site.masks:
             term.node = replaced.get(term.node, term.node)
         replaced[site.pv] = rewrite_site(gm, site, fp8_check=_fp8_check(site) if ctx.config.fp8 else None,
-                                         infer=ctx.infer)
+                                         infer=inference_site(site, ctx.config))
         fp8_reason = getattr(site, "fp8_refused", None)
         use_fp8 = ctx.config.fp8 and fp8_reason is None
         flags = dict(site.flags)
@@ -201,8 +202,7 @@ def run_pipeline(gm: fx.GraphModule, example_inputs, config: Config, report: Gra
                  dumper=None) -> fx.GraphModule:
     work, val_map = copy_graph_module(gm)
     constants = {val_map[n]: v for n, v in _trusted_constants(gm, example_inputs).items()}
-    ctx = PassContext(config=config, report=report, constants=constants, dumper=dumper,
-                      infer=inference_graph(example_inputs, config))
+    ctx = PassContext(config=config, report=report, constants=constants, dumper=dumper)
     if dumper is not None:
         dumper.graph(0, "input", work)
     for index, (name, fn) in enumerate(PIPELINE, start=1):
