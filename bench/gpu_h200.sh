@@ -12,9 +12,9 @@
 #              and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
-# PLAN=infer:  the inference op (flashfuse::attention_infer): its tests and the decode GPU tests, the decode op's
-#              host time (bench/decode.py --host), then 16-layer generation against torch.compile and against
-#              flashfuse with the autograd op (GEN_ARGS replaces the generate arguments).
+# PLAN=infer:  the inference ops (attention_infer, decode_inline): their tests and the decode GPU tests, the
+#              decode op's host time (bench/decode.py --host), then 16-layer generation against torch.compile,
+#              interleaved (GEN_ARGS replaces the generate arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
 #              10th fields), the backward GPU tests, the fwd+bwd table.
 #
@@ -76,7 +76,7 @@ infer)
     tests/kernels/test_flash_decode.py -k "gpu or infer"
   step decode_host 60 "$OUT/decode_host.txt" python3 bench/decode.py --host
   step generate "${GEN_LIMIT:-330}" "$OUT/generate.txt" python3 bench/generate.py \
-    ${GEN_ARGS:---layers 16 --batch 1 16 --new-tokens 32 --reps 3 --methods torch_compile flashfuse flashfuse_autograd_op}
+    ${GEN_ARGS:---layers 16 --interleave --batch 1 16 --new-tokens 32 --reps 5 --methods torch_compile flashfuse}
   ;;
 bwd)
   step tune_bwd128 150 "$OUT/tune_bwd.txt" python3 bench/tune_bwd.py --dims 128 --seqs 4096 --masks causal,full \
