@@ -136,11 +136,7 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
             row["note"] = "tokens/s over the whole run (t_N <= t_1)"
         row["tokens"] = out[:, ids.shape[1] :].cpu()
         if BACKEND[method] == "flashfuse":
-            rep = report.last_report(mark)
-            called = sorted({s.flags.get("op", "?") for s in rep.sites if s.rewritten})
-            row["note"] = (f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs "
-                           f"(op: {', '.join(called) or 'none'})")
-            row["note"] += "; " + _decode_launch_note()
+            row["note"] = _sites_note(report.last_report(mark)) + "; " + _decode_launch_note()
     except torch.cuda.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others' numbers
@@ -151,6 +147,13 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def _sites_note(rep) -> str:
+    """How many sites flashfuse rewrote, and which ops they call (the report's ``op`` flag)."""
+    called = sorted({s.flags.get("op", "?") for s in rep.sites if s.rewritten})
+    return (f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs "
+            f"(op: {', '.join(called) or 'none'})")
 
 
 def _decode_launch_note() -> str:
@@ -242,10 +245,7 @@ def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args
             row["tokens"] = _generate(model, ids, args.new_tokens, args.cache)[:, ids.shape[1]:].cpu()
             models[method] = model
             if BACKEND[method] == "flashfuse":
-                rep = report.last_report(mark)
-                called = sorted({s.flags.get("op", "?") for s in rep.sites if s.rewritten})
-                row["note"] = (f"{rep.rewritten}/{rep.total} attention sites rewritten in {len(rep.graphs)} graphs "
-                               f"(op: {', '.join(called) or 'none'})")
+                row["note"] = _sites_note(report.last_report(mark))
         except Exception as e:  # noqa: BLE001 -- one failing method must not hide the others' numbers
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         rows.append(row)
