@@ -1,5 +1,5 @@
 """The custom ops: ``flashfuse::attention`` (forward, returns ``(out, lse)``) and its backward, and
-``flashfuse::attention_infer`` (the same forward for graphs without autograd, output only; NOTE below).
+``flashfuse::attention_infer`` (the same forward where no gradient can flow, output only; NOTE below).
 
 The first two are opaque ``torch.library.custom_op``s with fake implementations, so Dynamo, AOTAutograd and
 Inductor trace them with symbolic shapes and Inductor calls them as extern kernels.
@@ -507,9 +507,10 @@ _attention = torch.library.custom_op("flashfuse::attention", _attention_impl, mu
                                      tags=(torch.Tag.nondeterministic_seeded,))
 
 
-# NOTE: flashfuse::attention_infer is the op that graphs compiled without autograd call (grad mode off, as under
-# `generate`'s torch.no_grad(), or no input that requires grad): `attention`'s body and semantics without
-# dropout, its output alone (no lse, no rng_state). It is defined with `torch.library.Library` rather than
+# NOTE: flashfuse::attention_infer is the op that sites whose traced output cannot need a gradient call (grad mode
+# off, as under `generate`'s torch.no_grad(), or nothing upstream requiring grad; `passes.inference_site`) when
+# `decode_inline` does not take them: `attention`'s body and semantics without dropout, its output alone (no lse,
+# no rng_state). It is defined with `torch.library.Library` rather than
 # `custom_op` for host time: a custom_op call runs custom_op's Python layers (its autograd kernel, even under
 # no_grad, and the wrapper around the device kernel) before the body; a Library op goes from the dispatcher
 # straight to the body. Measured with a trivial body (CPU box, torch 2.13): custom_op 17-19 us over the body,
