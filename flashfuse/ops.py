@@ -574,6 +574,10 @@ def decode_inline_refusal(q, k, v, mask, scale, window_left, window_right, mask_
 
     if flash_decode.INLINE_OP is None:
         return "this torch has no torch.library.triton_op"
+    if flash_decode._capability_major(q.device) != 9:
+        # elsewhere a heuristic config that does not fit would fail the compile (the opaque op retries smaller
+        # tiles at run time); Hopper's are measured
+        return "not a Hopper GPU (decode_inline's configs are measured on sm90 only)"
     return flash_decode.supports(q, k, v, mask, scale=scale, window_left=window_left, window_right=window_right,
                                  mask_fill=mask_fill, softcap=softcap, sinks=sinks)
 

@@ -289,6 +289,8 @@ def test_decode_inline_refusal_reasons(monkeypatch):
         pytest.skip("this torch has no torch.library.triton_op")
     monkeypatch.setattr(ops, "_interpreting", lambda: False)  # CUDA values without a GPU: as on a GPU host
     monkeypatch.setattr(fd, "_interpreting", lambda: False)
+    major = [9]
+    monkeypatch.setattr(fd, "_capability_major", lambda device: major[0])
     fill = FP32_MIN
     with FakeTensorMode():
         q = torch.empty(2, 1, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -307,6 +309,9 @@ def test_decode_inline_refusal_reasons(monkeypatch):
         assert "Sk = 100 < 256" in ask(k=short, v=short, mask=None)
         assert ask(mask=int_mask).startswith("mask: dtype torch.int32")
         assert "boolean mask" in ask(mask=torch.empty(2, 1, 1, 4096, device="cuda", dtype=torch.bool))
+        major[0] = 8
+        assert "not a Hopper GPU" in ask()
+        major[0] = 9
         monkeypatch.setenv("FLASHFUSE_DECODE_INLINE", "0")
         assert "switched off" in ask()
     monkeypatch.delenv("FLASHFUSE_DECODE_INLINE")

@@ -1215,7 +1215,7 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
 # is host-bound. A `torch.library.triton_op` instead is traced once, at compile time, into
 # `triton_kernel_wrapper_functional` calls (`wrap_triton`): the plan, the split count, the argument values are
 # computed then from the traced shapes and strides (static: the rewrite emits this op only when every size and
-# stride is an int), and Inductor allocates the buffers and launches the kernels like its own (from C++ with
+# stride is an int, and only on sm90, whose configs are measured: `ops.decode_inline_refusal`), and Inductor allocates the buffers and launches the kernels like its own (from C++ with
 # options={"cpp_wrapper": True}). Inductor gives every input of a user-defined Triton kernel exactly the strides it
 # was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the strides baked into the arguments
 # hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
