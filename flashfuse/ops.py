@@ -9,7 +9,7 @@ cannot trace into a ``triton_op`` -- it runs the interpreter on fake tensors and
 access data pointer of Tensor" (torch 2.13, triton 3.9). The opaque op compiles and runs there. On the
 GPU, inference decode steps call ``flashfuse::decode_inline`` (a ``triton_op`` in kernels/flash_decode.py,
 chosen by the rewrite through `decode_inline_refusal`): measured on the H200 (session 7), batch-1 generation
-went from 0.88-1.04x plain torch.compile with the opaque ops to 1.18x.
+went from 0.83-1.04x (five runs on four hosts) plain torch.compile with the opaque ops to 1.18x.
 
 Dispatch inside the op: CUDA tensors -> the Triton kernel; CPU tensors -> the same Triton kernel under
 the interpreter when ``TRITON_INTERPRET=1``, else the float32 reference (``flashfuse.testing``), so a
