@@ -1,7 +1,8 @@
-"""``flashfuse::attention_infer``: the op that graphs compiled without autograd call (ops.py's NOTE).
+"""The ops for sites no gradient can flow through: ``flashfuse::attention_infer`` (ops.py's NOTE) and, for decode
+steps on Hopper, ``flashfuse::decode_inline`` (flash_decode.py's NOTE).
 
-It must compute exactly what ``flashfuse::attention`` computes (same body, output only), and the rewrite must emit
-it only where no gradient can flow: grad mode off, or no graph input requiring grad; never for dropout.
+They must compute exactly what ``flashfuse::attention`` computes, and the rewrite must emit them only where the
+site's traced output does not require grad (grad mode off, or nothing upstream requiring grad); never for dropout.
 """
 
 from __future__ import annotations
