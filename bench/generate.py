@@ -14,7 +14,8 @@ Random weights from a config (nothing downloaded). Methods:
 - ``torch_compile``: the eager attention code + plain ``torch.compile`` (Inductor)
 - ``flashfuse``: the eager attention code + ``torch.compile(backend="flashfuse")``: the decode steps (one query
   against the cache) run the split-KV kernel ``flash_decode``, the prefill the prefill kernel; ``generate`` runs
-  under no_grad, so the graphs call the inference op ``flashfuse::attention_infer``
+  under no_grad, so the graphs call the inference ops (``flashfuse::decode_inline`` for decode steps on Hopper,
+  launched by Inductor; else ``flashfuse::attention_infer``)
 - ``flashfuse_autograd_op`` (only when named in ``--methods``): flashfuse with ``options={"infer_op": False}``,
   the op with autograd (more host time a call), to measure what the inference op saves
 
