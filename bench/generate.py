@@ -109,8 +109,17 @@ def _timed(fn, device: str, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _method_model(method: str, config_kw: dict, ids: torch.Tensor, args):
+    """The method's model, its forward compiled with the method's backend and options (if any)."""
+    model = build_model(config_kw, ids.shape[1] + args.new_tokens, args.dtype, args.device, ATTN[method])
+    if BACKEND[method] is not None:
+        model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False,
+                                      options=OPTIONS.get(method))
+    return model
+
+
 def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
-    device, dtype = args.device, args.dtype
+    device = args.device
     from flashfuse import report
 
     row = {"method": method, "batch": ids.shape[0], "status": "ok", "note": ""}
@@ -119,10 +128,7 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
     # up in one code object's cache until Dynamo's recompile limit (8) sends a later method to eager
     torch._dynamo.reset()
     try:
-        model = build_model(config_kw, ids.shape[1] + args.new_tokens, dtype, device, ATTN[method])
-        if BACKEND[method] is not None:
-            model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False,
-                                          options=OPTIONS.get(method))
+        model = _method_model(method, config_kw, ids, args)
         start = time.perf_counter()
         _generate(model, ids, args.new_tokens, args.cache)  # warm-up: compiles the prefill and decode graphs
         _sync(device)
@@ -238,10 +244,7 @@ def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args
         row = {"method": method, "batch": ids.shape[0], "status": "ok", "note": "", "t1": [], "tn": []}
         mark = report.collect()
         try:
-            model = build_model(config_kw, ids.shape[1] + args.new_tokens, args.dtype, device, ATTN[method])
-            if BACKEND[method] is not None:
-                model.forward = torch.compile(model.forward, backend=BACKEND[method], dynamic=False,
-                                              options=OPTIONS.get(method))
+            model = _method_model(method, config_kw, ids, args)
             row["warmup_s"] = _one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)
             row["tokens"] = _generate(model, ids, args.new_tokens, args.cache)[:, ids.shape[1]:].cpu()
             models[method] = model

@@ -231,11 +231,11 @@ def _scale_value(site: AttentionSite, q: fx.Node) -> float:
 
 def _decode_inline_ok(site: AttentionSite, q, k, v, mask, window_left, window_right, sinks) -> bool:
     """The site may call ``flashfuse::decode_inline``; else ``site.inline_refused`` says why (the report shows it)."""
-    from flashfuse.ops import decode_inline_refusal
+    from flashfuse.ops import _DECODE_MAX_Q, decode_inline_refusal
 
     vals = [None if n is None else tensor_val(n) for n in (q, k, v, mask, sinks)]
     sq = vals[0].shape[-2]
-    if vals[0].device.type != "cuda" or (isinstance(sq, int) and sq > 16):
+    if vals[0].device.type != "cuda" or (isinstance(sq, int) and sq > _DECODE_MAX_Q):
         return False  # not a decode site on the GPU: nothing to report
     if any(isinstance(w, fx.Node) for w in (window_left, window_right)):
         site.inline_refused = "a symbolic window"
