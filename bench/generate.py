@@ -53,17 +53,18 @@ import torch
 
 METHODS = ("eager", "sdpa", "torch_compile", "flashfuse")
 # not run unless named: flashfuse with options={"infer_op": False}, its graphs calling the op with autograd even
-# under no_grad (sessions <= 6's decode path), to measure what the inference op saves; and both compiled methods
-# with Inductor's C++ wrapper (options={"cpp_wrapper": True}: the graph's kernels launched from C++)
-EXTRA = ("flashfuse_autograd_op", "torch_compile_cpp_wrapper", "flashfuse_cpp_wrapper")
+# under no_grad (sessions <= 6's decode path), to measure what the inference op saves; torch.compile with Inductor's
+# C++ wrapper (options={"cpp_wrapper": True}: the graph's kernels launched from C++), which flashfuse turns on itself
+# for CUDA inference graphs since session 8; and flashfuse without it (options={"infer_cpp_wrapper": False})
+EXTRA = ("flashfuse_autograd_op", "torch_compile_cpp_wrapper", "flashfuse_no_cpp_wrapper")
 ATTN = {"eager": "eager", "sdpa": "sdpa", "torch_compile": "eager", "flashfuse": "eager",
         "flashfuse_autograd_op": "eager", "torch_compile_cpp_wrapper": "eager",
-        "flashfuse_cpp_wrapper": "eager"}  # fmt: skip
+        "flashfuse_no_cpp_wrapper": "eager"}  # fmt: skip
 BACKEND = {"eager": None, "sdpa": None, "torch_compile": "inductor", "flashfuse": "flashfuse",
            "flashfuse_autograd_op": "flashfuse", "torch_compile_cpp_wrapper": "inductor",
-           "flashfuse_cpp_wrapper": "flashfuse"}  # fmt: skip
+           "flashfuse_no_cpp_wrapper": "flashfuse"}  # fmt: skip
 OPTIONS = {"flashfuse_autograd_op": {"infer_op": False}, "torch_compile_cpp_wrapper": {"cpp_wrapper": True},
-           "flashfuse_cpp_wrapper": {"cpp_wrapper": True}}  # fmt: skip
+           "flashfuse_no_cpp_wrapper": {"infer_cpp_wrapper": False}}  # fmt: skip
 
 # Llama 3.2 1B's shape with a 32k vocabulary: 16 x (q, o: 2048^2; k, v: 2048 x 512; MLP 3 x 2048 x 8192)
 # + 2 x 32000 x 2048 = 1.10B parameters

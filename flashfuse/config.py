@@ -37,6 +37,9 @@ class Config:
     #: sites whose output cannot need a gradient (grad mode off, or nothing upstream requires grad) call the
     #: lighter ops ``flashfuse::attention_infer`` / ``decode_inline`` (same kernels, output only, less host time)
     infer_op: bool = True
+    #: a CUDA graph whose rewritten sites all call the inference ops gets Inductor's C++ wrapper
+    #: (``cpp_wrapper``), unless ``options`` sets ``cpp_wrapper`` itself; see ``backend.own_patches``
+    infer_cpp_wrapper: bool = True
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -47,7 +50,7 @@ class Config:
         found: dict[str, Any] = {}
         if os.environ.get("FLASHFUSE_DEBUG_DIR"):
             found["debug_dir"] = os.environ["FLASHFUSE_DEBUG_DIR"]
-        for key in ("rewrite", "fp8", "verify", "inductor", "infer_op"):
+        for key in ("rewrite", "fp8", "verify", "inductor", "infer_op", "infer_cpp_wrapper"):
             val = _env_bool(f"FLASHFUSE_{key.upper()}")
             if val is not None:
                 found[key] = val

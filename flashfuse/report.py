@@ -46,6 +46,8 @@ class GraphReport:
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
     pass_times_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     fallback: str | None = None
+    #: Inductor options flashfuse set itself for this graph (``backend.own_patches``), e.g. ``cpp_wrapper``
+    inductor_patches: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -84,7 +86,7 @@ class Report:
             "rewritten": self.rewritten,
             "graphs": [
                 {"graph": g.graph, "total": g.total, "rewritten": g.rewritten, "fallback": g.fallback,
-                 "pass_times_ms": g.pass_times_ms}
+                 "pass_times_ms": g.pass_times_ms, "inductor_patches": g.inductor_patches}
                 for g in self.graphs
             ],
             "sites": [site.to_json() for site in self.sites],
@@ -108,6 +110,10 @@ class Report:
             widths = [max(len(r[i]) for r in rows) for i in range(3)]
             for r in rows:
                 lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
+        for g in self.graphs:
+            if g.inductor_patches:
+                lines.append(f"graph {g.graph}: Inductor options set by flashfuse: "
+                             + ", ".join(f"{k}={v}" for k, v in g.inductor_patches.items()))
         for fb in self.fallbacks:
             lines.append(f"fallback: {fb}")
         return "\n".join(lines)

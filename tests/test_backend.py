@@ -210,3 +210,82 @@ def test_symbolic_head_dim_scale_is_proven():
     rep = _report.last_report(since=mark)
     assert rep.rewritten == 1 and rep.sites[0].flags["scale"] == "1/sqrt(head_dim)", str(rep)
     assert_matches_eager(fn, args, out)
+
+
+def _report_with_ops(*ops):
+    graph_report = _report.GraphReport(graph=0)
+    for op in ops:
+        rewritten = op is not None
+        graph_report.sites.append(_report.SiteReport(rewritten=rewritten, reason=None if rewritten else "no",
+                                                     source="x", flags={"op": op} if rewritten else {}))
+    return graph_report
+
+
+def test_cpp_wrapper_only_for_cuda_inference_graphs():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flashfuse.backend import own_patches
+    from flashfuse.config import split_options
+
+    on, _ = split_options({})
+    off, _ = split_options({"infer_cpp_wrapper": False})
+    with FakeTensorMode():
+        cuda = [torch.empty(2, 8, device="cuda"), 3]
+        weight = torch.empty(8, 8, device="cuda", requires_grad=True)
+        cpu = [torch.empty(2, 8)]
+
+    def ask(inputs, *ops, config=on, extra=None, grad=False):
+        with torch.set_grad_enabled(grad):
+            return own_patches(config, extra or {}, inputs, _report_with_ops(*ops))
+
+    assert ask(cuda, "decode_inline", "attention_infer", None) == {"cpp_wrapper": True}
+    assert ask(cuda + [weight], "attention_infer") == {"cpp_wrapper": True}  # no_grad: parameters need no gradient
+    assert ask(cuda + [weight], "attention_infer", grad=True) == {}  # a training graph
+    assert ask(cuda, "attention_infer", "attention") == {}  # one site keeps autograd
+    assert ask(cuda, "attention_fp8") == {}
+    assert ask(cuda, None) == {}  # nothing rewritten: plain Inductor
+    assert ask(cpu, "attention_infer") == {}
+    assert ask(cuda, "attention_infer", config=off) == {}
+    assert ask(cuda, "attention_infer", extra={"cpp_wrapper": False}) == {}  # the user's choice wins
+
+
+def test_cpp_wrapper_failure_recompiles_without_it(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import importlib
+
+    backend = importlib.import_module("flashfuse.backend")  # the package's `backend` attribute is the function
+    calls = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        calls.append((gm, dict(config_patches or {})))
+        if (config_patches or {}).get("cpp_wrapper") and fail[0]:
+            raise RuntimeError("no C++ compiler")
+        return "compiled"
+
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    rewritten_gm = torch.fx.symbolic_trace(lambda x: x + 2)
+    reports = []
+
+    def fake_analyse(gm, example_inputs, config):
+        reports.append(_report_with_ops("decode_inline"))
+        return rewritten_gm, reports[-1]
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    monkeypatch.setattr(backend, "analyse", fake_analyse)
+    with FakeTensorMode():
+        inputs = [torch.empty(4, device="cuda")]
+    fail = [False]
+    with torch.no_grad():
+        assert backend.flashfuse_backend(gm, inputs, options={"epilogue_fusion": False}) == "compiled"
+    assert calls == [(rewritten_gm, {"epilogue_fusion": False, "cpp_wrapper": True})]
+    assert reports[-1].inductor_patches == {"cpp_wrapper": True}
+    assert "Inductor options set by flashfuse: cpp_wrapper=True" in str(_report.Report(reports))
+    calls.clear()
+    fail[0] = True
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no C.. compiler.*compiling it without"):
+        assert backend.flashfuse_backend(gm, inputs) == "compiled"
+    assert calls == [(rewritten_gm, {"cpp_wrapper": True}), (rewritten_gm, {})]  # still the rewritten graph
+    assert reports[-1].inductor_patches == {} and "no C++ compiler" in reports[-1].fallback
+    assert reports[-1].rewritten == 1

@@ -324,7 +324,8 @@ def test_decode_inline_refusal_reasons(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("sq", [1, 4])
-def test_gpu_compiled_decode_step_launches_decode_inline_from_inductor(sq):
+@pytest.mark.parametrize("cpp_wrapper", [True, False])
+def test_gpu_compiled_decode_step_launches_decode_inline_from_inductor(sq, cpp_wrapper):
     # the decode step's kernels in Inductor's own code (no opaque op call); ragged left padding per batch element
     # (a mask with a real batch stride) and Sq = 4 (row strides) check that the baked strides are the run's
     from torch._inductor.utils import run_and_get_code
@@ -341,10 +342,13 @@ def test_gpu_compiled_decode_step_launches_decode_inline_from_inductor(sq):
     k, v = (torch.randn(B, Hkv, Sk, D, device="cuda", dtype=dt) for _ in range(2))
     torch._dynamo.reset()
     mark = report.collect()
-    f = torch.compile(_hf_decode, backend="flashfuse")
+    f = torch.compile(_hf_decode, backend="flashfuse", options={"infer_cpp_wrapper": cpp_wrapper})
     with torch.no_grad():
         out, code = run_and_get_code(f, q, k, v, mask)
-    assert _ops_called(report.last_report(since=mark)) == ["decode_inline"]
+    rep = report.last_report(since=mark)
+    assert _ops_called(rep) == ["decode_inline"]
+    # an inference graph on CUDA: launched from Inductor's C++ wrapper unless switched off
+    assert rep.graphs[0].inductor_patches == ({"cpp_wrapper": True} if cpp_wrapper else {})
     code = "\n".join(code)
     assert "_decode_split" in code and "_decode_merge" in code and "flashfuse.attention" not in code
     assert_matches_eager(_hf_decode, (q, k, v, mask), out)
