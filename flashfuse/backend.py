@@ -74,18 +74,26 @@ def analyse(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.Grap
 
 # the ops a rewritten site calls when its output cannot need a gradient (flags["op"])
 _INFER_OPS = ("attention_infer", "decode_inline")
+# Inductor options that failed to compile once in this process (e.g. no C++ toolchain): not tried again
+_FAILED_OWN: set[str] = set()
 
 
-def own_patches(config: Config, extra: dict[str, Any], example_inputs, graph_report) -> dict[str, Any]:
-    """Inductor options flashfuse sets itself for one graph; the user's ``options`` always win.
+def own_patches(config: Config, extra: dict[str, Any], patches: dict[str, Any], gm: fx.GraphModule, example_inputs,
+                graph_report) -> dict[str, Any]:
+    """Inductor options flashfuse sets itself for one graph; the user's ``options`` and ``mode`` always win.
 
-    ``cpp_wrapper``: a CUDA graph whose rewritten sites all call the inference ops and whose inputs need no
+    ``cpp_wrapper``: a CUDA graph whose rewritten sites all call the inference ops and in which nothing needs a
     gradient gets Inductor's C++ wrapper (the graph's kernels, ``decode_inline``'s included, launched from C++):
-    batch-1 generation is host-bound, and on the H200 this took flashfuse's 16-layer Llama from 168 to 248
-    tokens/s at batch 1 and from 2238 to 3697 at batch 16 (``bench/RESULTS.md``, session 8). CPU graphs,
-    training graphs and graphs without a rewritten site keep Inductor's default.
+    generation is host-bound, and on the H200 this took flashfuse's 16-layer Llama from 168 to 248 tokens/s at
+    batch 1 and from 2238 to 3697 at batch 16 (``bench/RESULTS.md``, session 8). Not when the user chose
+    ``cpp_wrapper`` or CUDA graphs (``mode="reduce-overhead"``: Inductor turns CUDA graphs off under the C++
+    wrapper with graph partitioning), not for CPU graphs, training graphs or graphs without a rewritten site.
     """
-    if not config.infer_cpp_wrapper or "cpp_wrapper" in extra:
+    if not config.infer_cpp_wrapper or "cpp_wrapper" in extra or "cpp_wrapper" in _FAILED_OWN:
+        return {}
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp_wrapper or patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs):
         return {}
     ops = [site.flags.get("op") for site in graph_report.sites if site.rewritten]
     if not ops or any(op not in _INFER_OPS for op in ops):
@@ -95,6 +103,13 @@ def own_patches(config: Config, extra: dict[str, Any], example_inputs, graph_rep
         return {}
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return {}
+    # grad switched on inside the graph (`with torch.enable_grad():` under an outer no_grad): Dynamo's traced
+    # values say so
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            vals = node.meta.get("example_value", node.meta.get("val"))
+            if any(getattr(x, "requires_grad", False) for x in (vals if isinstance(vals, (tuple, list)) else [vals])):
+                return {}
     return {"cpp_wrapper": True}
 
 
@@ -113,23 +128,33 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
 
     if new_gm is gm:
         return compile_fx(gm, example_inputs, config_patches=patches)
-    own = own_patches(config, extra, example_inputs, graph_report)
+    own = own_patches(config, extra, patches, new_gm, example_inputs, graph_report)
     compiled = None
     if own:
+        from flashfuse.passes import copy_graph_module
+
+        spare, _ = copy_graph_module(new_gm)  # Inductor may consume the graph it failed on
         graph_report.inductor_patches = dict(own)
         try:
             compiled = compile_fx(new_gm, example_inputs, config_patches={**patches, **own})
         except Exception as exc:
             if isinstance(exc, (torch._dynamo.exc.Unsupported,)):
                 raise
+            _FAILED_OWN.update(own)
             graph_report.inductor_patches = {}
-            graph_report.fallback = f"Inductor failed with {own}: {type(exc).__name__}: {exc}; compiled without"
+            graph_report.inductor_patches_failed = (f"Inductor failed with {own} ({type(exc).__name__}: {exc}); "
+                                                    "compiled without (not tried again in this process)")
             warnings.warn(
                 f"flashfuse: Inductor failed on graph {graph_report.graph} with {own} ({type(exc).__name__}: {exc}); "
-                "compiling it without",
+                "compiling it without (and every later graph of this process)",
                 RuntimeWarning,
                 stacklevel=2,
             )
+            new_gm = spare
+        if config.debug_dir:
+            from flashfuse.debug import Dumper
+
+            Dumper.for_graph(config.debug_dir, graph_report).write_report(graph_report)
     if compiled is None:
         try:
             compiled = compile_fx(new_gm, example_inputs, config_patches=patches)

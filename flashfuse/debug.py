@@ -53,12 +53,16 @@ class Dumper:
         with open(os.path.join(self.folder, f"{index:02d}_{name}.py"), "w") as f:
             f.write(_readable(gm))
 
-    def finish(self, report: GraphReport) -> None:
+    def write_report(self, report: GraphReport) -> None:
+        """report.json and report.md of this graph (again after the backend set Inductor options for it)."""
         rep = Report([report])
         with open(os.path.join(self.folder, "report.json"), "w") as f:
             json.dump(rep.to_json(), f, indent=2)
         with open(os.path.join(self.folder, "report.md"), "w") as f:
             f.write(f"# graph {report.graph}\n\n```\n{rep}\n```\n")
+
+    def finish(self, report: GraphReport) -> None:
+        self.write_report(report)
         with _index_lock:
             index = os.path.join(self.root, "index.md")
             new = not os.path.exists(index)

@@ -48,6 +48,8 @@ class GraphReport:
     fallback: str | None = None
     #: Inductor options flashfuse set itself for this graph (``backend.own_patches``), e.g. ``cpp_wrapper``
     inductor_patches: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: why Inductor failed with those options (the rewritten graph was then compiled without them)
+    inductor_patches_failed: str | None = None
 
     @property
     def total(self) -> int:
@@ -86,7 +88,8 @@ class Report:
             "rewritten": self.rewritten,
             "graphs": [
                 {"graph": g.graph, "total": g.total, "rewritten": g.rewritten, "fallback": g.fallback,
-                 "pass_times_ms": g.pass_times_ms, "inductor_patches": g.inductor_patches}
+                 "pass_times_ms": g.pass_times_ms, "inductor_patches": g.inductor_patches,
+                 "inductor_patches_failed": g.inductor_patches_failed}
                 for g in self.graphs
             ],
             "sites": [site.to_json() for site in self.sites],
@@ -114,6 +117,8 @@ class Report:
             if g.inductor_patches:
                 lines.append(f"graph {g.graph}: Inductor options set by flashfuse: "
                              + ", ".join(f"{k}={v}" for k, v in g.inductor_patches.items()))
+            if g.inductor_patches_failed:
+                lines.append(f"graph {g.graph}: {g.inductor_patches_failed}")
         for fb in self.fallbacks:
             lines.append(f"fallback: {fb}")
         return "\n".join(lines)

@@ -146,6 +146,7 @@ class VerifyingFunction:
             site.reason = (f"verify failed: {bad[0]}" if bad else
                            "verify failed at another site of this graph; the graph runs unrewritten")
         self.report.fallback = "verify failed: " + "; ".join(f"{s}: {d}" for s, d, _ in failed)
+        self.report.inductor_patches = {}  # the original is compiled with the user's options only
         warnings.warn(f"flashfuse: verify failed in graph {self.report.graph} ({failed[0][0]}: {failed[0][1]}); "
                       "this graph now runs without the rewrite", RuntimeWarning, stacklevel=3)
         self.compiled = self.compile_original()

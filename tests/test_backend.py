@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -221,12 +222,15 @@ def _report_with_ops(*ops):
     return graph_report
 
 
-def test_cpp_wrapper_only_for_cuda_inference_graphs():
+def test_cpp_wrapper_only_for_cuda_inference_graphs(monkeypatch):
+    import importlib
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from flashfuse.backend import own_patches
+    from flashfuse.backend import inductor_patches, own_patches
     from flashfuse.config import split_options
 
+    monkeypatch.setattr(importlib.import_module("flashfuse.backend"), "_FAILED_OWN", set())
     on, _ = split_options({})
     off, _ = split_options({"infer_cpp_wrapper": False})
     with FakeTensorMode():
@@ -234,32 +238,46 @@ def test_cpp_wrapper_only_for_cuda_inference_graphs():
         weight = torch.empty(8, 8, device="cuda", requires_grad=True)
         cpu = [torch.empty(2, 8)]
 
-    def ask(inputs, *ops, config=on, extra=None, grad=False):
+    def graph(needs_grad=False):  # one traced node; its value requires grad when grad was on inside the graph
+        gm = torch.fx.symbolic_trace(lambda x: x + 1)
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                node.meta["example_value"] = torch.empty(2, requires_grad=needs_grad)
+        return gm
+
+    def ask(inputs, *ops, config=on, extra=None, grad=False, mode=None, needs_grad=False):
+        extra = extra or {}
         with torch.set_grad_enabled(grad):
-            return own_patches(config, extra or {}, inputs, _report_with_ops(*ops))
+            return own_patches(config, extra, inductor_patches(mode, extra), graph(needs_grad), inputs,
+                               _report_with_ops(*ops))
 
     assert ask(cuda, "decode_inline", "attention_infer", None) == {"cpp_wrapper": True}
     assert ask(cuda + [weight], "attention_infer") == {"cpp_wrapper": True}  # no_grad: parameters need no gradient
+    assert ask(cuda, "attention_infer", grad=True) == {"cpp_wrapper": True}  # grad on, nothing requires it
     assert ask(cuda + [weight], "attention_infer", grad=True) == {}  # a training graph
+    assert ask(cuda, "attention_infer", needs_grad=True) == {}  # grad switched on inside the graph
     assert ask(cuda, "attention_infer", "attention") == {}  # one site keeps autograd
     assert ask(cuda, "attention_fp8") == {}
     assert ask(cuda, None) == {}  # nothing rewritten: plain Inductor
     assert ask(cpu, "attention_infer") == {}
     assert ask(cuda, "attention_infer", config=off) == {}
     assert ask(cuda, "attention_infer", extra={"cpp_wrapper": False}) == {}  # the user's choice wins
+    assert ask(cuda, "attention_infer", mode="reduce-overhead") == {}  # CUDA graphs: Inductor drops them under it
+    assert ask(cuda, "attention_infer", extra={"triton.cudagraphs": True}) == {}
 
 
-def test_cpp_wrapper_failure_recompiles_without_it(monkeypatch):
+def test_cpp_wrapper_failure_recompiles_without_it(monkeypatch, tmp_path):
+    import importlib
+
     import torch._inductor.compile_fx as cfx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import importlib
-
     backend = importlib.import_module("flashfuse.backend")  # the package's `backend` attribute is the function
+    monkeypatch.setattr(backend, "_FAILED_OWN", set())
     calls = []
 
     def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
-        calls.append((gm, dict(config_patches or {})))
+        calls.append((gm.code, dict(config_patches or {})))
         if (config_patches or {}).get("cpp_wrapper") and fail[0]:
             raise RuntimeError("no C++ compiler")
         return "compiled"
@@ -278,14 +296,24 @@ def test_cpp_wrapper_failure_recompiles_without_it(monkeypatch):
         inputs = [torch.empty(4, device="cuda")]
     fail = [False]
     with torch.no_grad():
-        assert backend.flashfuse_backend(gm, inputs, options={"epilogue_fusion": False}) == "compiled"
-    assert calls == [(rewritten_gm, {"epilogue_fusion": False, "cpp_wrapper": True})]
+        assert backend.flashfuse_backend(gm, inputs, options={"epilogue_fusion": False,
+                                                              "debug_dir": str(tmp_path)}) == "compiled"
+    assert calls == [(rewritten_gm.code, {"epilogue_fusion": False, "cpp_wrapper": True})]
     assert reports[-1].inductor_patches == {"cpp_wrapper": True}
     assert "Inductor options set by flashfuse: cpp_wrapper=True" in str(_report.Report(reports))
+    dumped = json.loads((tmp_path / "graph_000" / "report.json").read_text())  # the dump is written again
+    assert dumped["graphs"][0]["inductor_patches"] == {"cpp_wrapper": True}
     calls.clear()
     fail[0] = True
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="no C.. compiler.*compiling it without"):
         assert backend.flashfuse_backend(gm, inputs) == "compiled"
-    assert calls == [(rewritten_gm, {"cpp_wrapper": True}), (rewritten_gm, {})]  # still the rewritten graph
-    assert reports[-1].inductor_patches == {} and "no C++ compiler" in reports[-1].fallback
-    assert reports[-1].rewritten == 1
+    # the rewritten graph again (a copy), without the option; the rewrites stay and no graph fallback is recorded
+    assert calls == [(rewritten_gm.code, {"cpp_wrapper": True}), (rewritten_gm.code, {})]
+    rep = reports[-1]
+    assert rep.inductor_patches == {} and "no C++ compiler" in rep.inductor_patches_failed
+    assert rep.fallback is None and rep.rewritten == 1
+    assert "no C++ compiler" in str(_report.Report([rep]))
+    calls.clear()
+    with torch.no_grad():
+        assert backend.flashfuse_backend(gm, inputs) == "compiled"
+    assert calls == [(rewritten_gm.code, {})]  # not tried again in this process
