@@ -12,7 +12,7 @@
 #              and cuDNN.
 # PLAN=fp8ab:  FP8 device vs host descriptors (forced configs), backward GPU cases, the 16-layer model (bench/models.py).
 # PLAN=generate: bench/generate.py (4 layers, batch 1 and 16; GEN_ARGS replaces the arguments).
-# PLAN=infer:  the inference ops (attention_infer, decode_inline): their tests and the decode GPU tests, the
+# PLAN=infer:  the inference ops (attention_infer, decode_inline; the C++ wrapper default): their tests and the decode GPU tests, the
 #              decode op's host time (bench/decode.py --host), then 16-layer generation against torch.compile,
 #              interleaved (GEN_ARGS replaces the generate arguments).
 # PLAN=bwd:    the backward sweeps (BWD128, BWD64, BWD256: tune_bwd --only lists; the TMA flags are the 9th and
@@ -72,7 +72,7 @@ final)
     -k "candidate or small_calls or (not sm90 and not schemes and (not train or train_gpu_bf16 and llama))"
   ;;
 infer)
-  step gpu_tests 120 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider tests/test_infer_op.py \
+  step gpu_tests 200 "$OUT/gpu_tests.txt" python3 -m pytest -v -p no:cacheprovider tests/test_infer_op.py \
     tests/kernels/test_flash_decode.py -k "gpu or infer"
   step decode_host 60 "$OUT/decode_host.txt" python3 bench/decode.py --host
   step generate "${GEN_LIMIT:-330}" "$OUT/generate.txt" python3 bench/generate.py \
