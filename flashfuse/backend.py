@@ -74,7 +74,7 @@ def analyse(gm: fx.GraphModule, example_inputs, config: Config) -> tuple[fx.Grap
 
 # the ops a rewritten site calls when its output cannot need a gradient (flags["op"])
 _INFER_OPS = ("attention_infer", "decode_inline")
-# Inductor options that failed to compile once in this process (e.g. no C++ toolchain): not tried again
+# Inductor options whose C++ build failed once in this process (no toolchain, no Python headers): not tried again
 _FAILED_OWN: set[str] = set()
 
 
@@ -101,16 +101,43 @@ def own_patches(config: Config, extra: dict[str, Any], patches: dict[str, Any], 
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
     if not any(x.device.type == "cuda" for x in tensors):
         return {}
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        return {}
-    # grad switched on inside the graph (`with torch.enable_grad():` under an outer no_grad): Dynamo's traced
-    # values say so
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            vals = node.meta.get("example_value", node.meta.get("val"))
-            if any(getattr(x, "requires_grad", False) for x in (vals if isinstance(vals, (tuple, list)) else [vals])):
-                return {}
+    # grad mode at the graph's entry (Dynamo restores it for the backend call) and wherever the graph switches it
+    # (`with torch.enable_grad():` inside an outer no_grad becomes `_set_grad_enabled(True)` nodes); with grad off
+    # throughout nothing can need a gradient (views of parameters still say requires_grad=True there)
+    grad_on = torch.is_grad_enabled() or any(
+        node.op == "call_function" and node.target is torch._C._set_grad_enabled and bool(node.args and node.args[0])
+        for node in gm.graph.nodes)
+    if grad_on:
+        if any(x.requires_grad for x in tensors):
+            return {}
+        for node in gm.graph.nodes:  # a tensor made to require grad inside the graph
+            if node.op in ("call_function", "call_method", "call_module"):
+                vals = node.meta.get("example_value", node.meta.get("val"))
+                vals = vals if isinstance(vals, (tuple, list)) else [vals]
+                if any(getattr(x, "requires_grad", False) for x in vals):
+                    return {}
     return {"cpp_wrapper": True}
+
+
+def _dynamo_signal(exc: BaseException) -> bool:
+    """Dynamo's own signals (graph break, restart the analysis, skip the frame): raised through, never a fallback."""
+    from torch._dynamo import exc as dynamo_exc
+
+    return isinstance(exc, (dynamo_exc.Unsupported, dynamo_exc.RestartAnalysis, dynamo_exc.SkipFrame))
+
+
+def _is_cpp_build_error(exc: BaseException) -> bool:
+    try:
+        from torch._inductor.exc import CppCompileError
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return False
+    for _ in range(8):  # Inductor may wrap it
+        if exc is None:
+            return False
+        if isinstance(exc, CppCompileError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
@@ -138,15 +165,18 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
         try:
             compiled = compile_fx(new_gm, example_inputs, config_patches={**patches, **own})
         except Exception as exc:
-            if isinstance(exc, (torch._dynamo.exc.Unsupported,)):
+            if _dynamo_signal(exc):
                 raise
-            _FAILED_OWN.update(own)
+            toolchain = _is_cpp_build_error(exc)
+            if toolchain:
+                _FAILED_OWN.update(own)
+            later = " (not tried again in this process: the C++ build failed)" if toolchain else ""
             graph_report.inductor_patches = {}
             graph_report.inductor_patches_failed = (f"Inductor failed with {own} ({type(exc).__name__}: {exc}); "
-                                                    "compiled without (not tried again in this process)")
+                                                    f"retried without{later}")
             warnings.warn(
                 f"flashfuse: Inductor failed on graph {graph_report.graph} with {own} ({type(exc).__name__}: {exc}); "
-                "compiling it without (and every later graph of this process)",
+                f"compiling it without{later}",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -159,7 +189,7 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
         try:
             compiled = compile_fx(new_gm, example_inputs, config_patches=patches)
         except Exception as exc:
-            if isinstance(exc, (torch._dynamo.exc.Unsupported,)):
+            if _dynamo_signal(exc):
                 raise
             graph_report.fallback = f"Inductor failed on the rewritten graph: {type(exc).__name__}: {exc}"
             warnings.warn(

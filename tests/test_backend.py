@@ -224,7 +224,9 @@ def _report_with_ops(*ops):
 
 def test_cpp_wrapper_only_for_cuda_inference_graphs(monkeypatch):
     import importlib
+    import operator
 
+    import torch._inductor.config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from flashfuse.backend import inductor_patches, own_patches
@@ -238,24 +240,34 @@ def test_cpp_wrapper_only_for_cuda_inference_graphs(monkeypatch):
         weight = torch.empty(8, 8, device="cuda", requires_grad=True)
         cpu = [torch.empty(2, 8)]
 
-    def graph(needs_grad=False):  # one traced node; its value requires grad when grad was on inside the graph
-        gm = torch.fx.symbolic_trace(lambda x: x + 1)
-        for node in gm.graph.nodes:
-            if node.op == "call_function":
-                node.meta["example_value"] = torch.empty(2, requires_grad=needs_grad)
-        return gm
+    def graph(value_requires_grad=False, enable_grad_inside=False):
+        # x + 1, its traced value requiring grad or not (under no_grad a view of a parameter still does);
+        # optionally inside `with torch.enable_grad():` as Dynamo records it
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        if enable_grad_inside:
+            g.call_function(torch._C._set_grad_enabled, (True,))
+        y = g.call_function(operator.add, (x, 1))
+        y.meta["example_value"] = torch.empty(2, requires_grad=value_requires_grad)
+        if enable_grad_inside:
+            g.call_function(torch._C._set_grad_enabled, (False,))
+        g.output(y)
+        return torch.fx.GraphModule(torch.nn.Module(), g)
 
-    def ask(inputs, *ops, config=on, extra=None, grad=False, mode=None, needs_grad=False):
+    def ask(inputs, *ops, config=on, extra=None, grad=False, mode=None, **graph_kw):
         extra = extra or {}
         with torch.set_grad_enabled(grad):
-            return own_patches(config, extra, inductor_patches(mode, extra), graph(needs_grad), inputs,
+            return own_patches(config, extra, inductor_patches(mode, extra), graph(**graph_kw), inputs,
                                _report_with_ops(*ops))
 
     assert ask(cuda, "decode_inline", "attention_infer", None) == {"cpp_wrapper": True}
     assert ask(cuda + [weight], "attention_infer") == {"cpp_wrapper": True}  # no_grad: parameters need no gradient
+    # no_grad, a view of a parameter in the graph (requires_grad=True on its value): still nothing needs a gradient
+    assert ask(cuda + [weight], "attention_infer", value_requires_grad=True) == {"cpp_wrapper": True}
     assert ask(cuda, "attention_infer", grad=True) == {"cpp_wrapper": True}  # grad on, nothing requires it
     assert ask(cuda + [weight], "attention_infer", grad=True) == {}  # a training graph
-    assert ask(cuda, "attention_infer", needs_grad=True) == {}  # grad switched on inside the graph
+    assert ask(cuda + [weight], "attention_infer", enable_grad_inside=True) == {}  # grad switched on inside
+    assert ask(cuda, "attention_infer", grad=True, value_requires_grad=True) == {}  # made to require grad inside
     assert ask(cuda, "attention_infer", "attention") == {}  # one site keeps autograd
     assert ask(cuda, "attention_fp8") == {}
     assert ask(cuda, None) == {}  # nothing rewritten: plain Inductor
@@ -264,56 +276,68 @@ def test_cpp_wrapper_only_for_cuda_inference_graphs(monkeypatch):
     assert ask(cuda, "attention_infer", extra={"cpp_wrapper": False}) == {}  # the user's choice wins
     assert ask(cuda, "attention_infer", mode="reduce-overhead") == {}  # CUDA graphs: Inductor drops them under it
     assert ask(cuda, "attention_infer", extra={"triton.cudagraphs": True}) == {}
+    with inductor_config.patch(cpp_wrapper=True):  # already on globally: not flashfuse's doing
+        assert ask(cuda, "attention_infer") == {}
+    assert ask(cuda, "attention_infer") == {"cpp_wrapper": True}
 
 
 def test_cpp_wrapper_failure_recompiles_without_it(monkeypatch, tmp_path):
     import importlib
 
     import torch._inductor.compile_fx as cfx
+    from torch._inductor.exc import CppCompileError
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     backend = importlib.import_module("flashfuse.backend")  # the package's `backend` attribute is the function
     monkeypatch.setattr(backend, "_FAILED_OWN", set())
     calls = []
+    error = [None]
 
     def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
-        calls.append((gm.code, dict(config_patches or {})))
-        if (config_patches or {}).get("cpp_wrapper") and fail[0]:
-            raise RuntimeError("no C++ compiler")
+        calls.append((gm, gm.code, dict(config_patches or {})))
+        if (config_patches or {}).get("cpp_wrapper") and error[0] is not None:
+            raise error[0]
         return "compiled"
 
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
-    rewritten_gm = torch.fx.symbolic_trace(lambda x: x + 2)
+    rewritten = torch.fx.symbolic_trace(lambda x: x + 2)
     reports = []
 
     def fake_analyse(gm, example_inputs, config):
         reports.append(_report_with_ops("decode_inline"))
-        return rewritten_gm, reports[-1]
+        return rewritten, reports[-1]
+
+    def compile_once(**options):
+        calls.clear()
+        with torch.no_grad():
+            assert backend.flashfuse_backend(gm, inputs, options=options) == "compiled"
+        return [(c[1], c[2]) for c in calls], reports[-1]
 
     monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
     monkeypatch.setattr(backend, "analyse", fake_analyse)
     with FakeTensorMode():
         inputs = [torch.empty(4, device="cuda")]
-    fail = [False]
-    with torch.no_grad():
-        assert backend.flashfuse_backend(gm, inputs, options={"epilogue_fusion": False,
-                                                              "debug_dir": str(tmp_path)}) == "compiled"
-    assert calls == [(rewritten_gm.code, {"epilogue_fusion": False, "cpp_wrapper": True})]
-    assert reports[-1].inductor_patches == {"cpp_wrapper": True}
-    assert "Inductor options set by flashfuse: cpp_wrapper=True" in str(_report.Report(reports))
+    seen, rep = compile_once(epilogue_fusion=False, debug_dir=str(tmp_path))
+    assert seen == [(rewritten.code, {"epilogue_fusion": False, "cpp_wrapper": True})]
+    assert rep.inductor_patches == {"cpp_wrapper": True}
+    assert "Inductor options set by flashfuse: cpp_wrapper=True" in str(_report.Report([rep]))
     dumped = json.loads((tmp_path / "graph_000" / "report.json").read_text())  # the dump is written again
     assert dumped["graphs"][0]["inductor_patches"] == {"cpp_wrapper": True}
-    calls.clear()
-    fail[0] = True
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no C.. compiler.*compiling it without"):
-        assert backend.flashfuse_backend(gm, inputs) == "compiled"
-    # the rewritten graph again (a copy), without the option; the rewrites stay and no graph fallback is recorded
-    assert calls == [(rewritten_gm.code, {"cpp_wrapper": True}), (rewritten_gm.code, {})]
-    rep = reports[-1]
-    assert rep.inductor_patches == {} and "no C++ compiler" in rep.inductor_patches_failed
+
+    error[0] = RuntimeError("this graph says no")  # a failure of one graph: retried without, tried again next graph
+    with pytest.warns(RuntimeWarning, match="this graph says no.*compiling it without"):
+        seen, rep = compile_once()
+    # the rewritten graph again, as a copy (Inductor may have consumed the first), without the option; the rewrites
+    # stay and no graph fallback is recorded
+    assert seen == [(rewritten.code, {"cpp_wrapper": True}), (rewritten.code, {})]
+    assert calls[1][0] is not calls[0][0]
+    assert rep.inductor_patches == {} and "this graph says no" in rep.inductor_patches_failed
     assert rep.fallback is None and rep.rewritten == 1
-    assert "no C++ compiler" in str(_report.Report([rep]))
-    calls.clear()
-    with torch.no_grad():
-        assert backend.flashfuse_backend(gm, inputs) == "compiled"
-    assert calls == [(rewritten_gm.code, {})]  # not tried again in this process
+    assert "this graph says no" in str(_report.Report([rep]))
+
+    error[0] = CppCompileError(["g++"], "Python.h: No such file")  # the toolchain: not tried again in the process
+    with pytest.warns(RuntimeWarning, match="not tried again"):
+        seen, rep = compile_once()
+    assert seen == [(rewritten.code, {"cpp_wrapper": True}), (rewritten.code, {})]
+    seen, rep = compile_once()
+    assert seen == [(rewritten.code, {})] and rep.inductor_patches == {}
