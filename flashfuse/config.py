@@ -38,7 +38,7 @@ class Config:
     #: lighter ops ``flashfuse::attention_infer`` / ``decode_inline`` (same kernels, output only, less host time)
     infer_op: bool = True
     #: a CUDA graph whose rewritten sites all call the inference ops gets Inductor's C++ wrapper
-    #: (``cpp_wrapper``), unless ``options`` sets ``cpp_wrapper`` itself; see ``backend.own_patches``
+    #: (``cpp_wrapper``), unless the user set ``cpp_wrapper`` or CUDA graphs; see ``backend.own_patches``
     infer_cpp_wrapper: bool = True
 
     @classmethod

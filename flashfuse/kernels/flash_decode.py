@@ -1215,17 +1215,17 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
 # is host-bound. A `torch.library.triton_op` instead is traced once, at compile time, into
 # `triton_kernel_wrapper_functional` calls (`wrap_triton`): the plan, the split count, the argument values are
 # computed then from the traced shapes and strides (static: the rewrite emits this op only when every size and
-# stride is an int, and only on sm90, whose configs are measured: `ops.decode_inline_refusal`), and Inductor allocates the buffers and launches the kernels like its own (from C++ with
-# options={"cpp_wrapper": True}). Inductor gives every input of a user-defined Triton kernel exactly the strides it
+# stride is an int, and only on sm90, whose configs are measured: `ops.decode_inline_refusal`), and Inductor
+# allocates the buffers and launches the kernels like its own (from C++ under the C++ wrapper, which the backend
+# sets for CUDA inference graphs: `backend.own_patches`). Inductor gives every input of a user-defined Triton kernel exactly the strides it
 # was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the strides baked into the arguments
 # hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
 # merge waits for the split kernel to finish), the op's run-time fallbacks (a config that fails to compile fails
 # the compile, which flashfuse's backend then redoes without rewrites -- but under the C++ wrapper, which the backend
 # sets for CUDA inference graphs, Inductor compiles Triton kernels lazily at the first call, where such a failure
 # raises, uncaught: one more reason the rewrite takes this op only on sm90, where its configs were measured), and the
-# Triton interpreter (DESIGN.md: a
-# triton_op cannot be traced under TRITON_INTERPRET=1, so CPU graphs keep the opaque op). Called outside a compiled
-# graph it runs the same kernels through Triton's own launch.
+# Triton interpreter (DESIGN.md: a triton_op cannot be traced under TRITON_INTERPRET=1, so CPU graphs keep the opaque
+# op). Called outside a compiled graph it runs the same kernels through Triton's own launch.
 def _decode_inline(
     q: torch.Tensor,
     k: torch.Tensor,
