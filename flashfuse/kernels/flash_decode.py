@@ -1217,9 +1217,9 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
 # computed then from the traced shapes and strides (static: the rewrite emits this op only when every size and
 # stride is an int, and only on sm90, whose configs are measured: `ops.decode_inline_refusal`), and Inductor
 # allocates the buffers and launches the kernels like its own (from C++ under the C++ wrapper, which the backend
-# sets for CUDA inference graphs: `backend.own_patches`). Inductor gives every input of a user-defined Triton kernel exactly the strides it
-# was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the strides baked into the arguments
-# hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
+# sets for CUDA inference graphs: `backend.own_patches`). Inductor gives every input of a user-defined Triton
+# kernel exactly the strides it was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the
+# strides baked into the arguments hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
 # merge waits for the split kernel to finish), the op's run-time fallbacks (a config that fails to compile fails
 # the compile, which flashfuse's backend then redoes without rewrites -- but under the C++ wrapper, which the backend
 # sets for CUDA inference graphs, Inductor compiles Triton kernels lazily at the first call, where such a failure
