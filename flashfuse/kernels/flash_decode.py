@@ -1219,11 +1219,11 @@ def _forward(launch: _Launch, key, scalars, q, k, v, mask, sinks):
 # allocates the buffers and launches the kernels like its own (from C++ under the C++ wrapper, which the backend
 # sets for CUDA inference graphs: `backend.own_patches`). Inductor gives every input of a user-defined Triton
 # kernel exactly the strides it was traced with (`constrain_to_fake_tensors`, `require_exact_strides`), so the
-# strides baked into the arguments hold at run time. What it gives up: programmatic dependent launch (a launch option, not a kernel argument: the
-# merge waits for the split kernel to finish), the op's run-time fallbacks (a config that fails to compile fails
-# the compile, which flashfuse's backend then redoes without rewrites -- but under the C++ wrapper, which the backend
-# sets for CUDA inference graphs, Inductor compiles Triton kernels lazily at the first call, where such a failure
-# raises, uncaught: one more reason the rewrite takes this op only on sm90, where its configs were measured), and the
+# strides baked into the arguments hold at run time. What it gives up: programmatic dependent launch (a launch
+# option, not a kernel argument: the merge waits for the split kernel to finish), the op's run-time fallbacks (a
+# config that fails to compile fails the compile, which flashfuse's backend then redoes without rewrites -- but
+# under the C++ wrapper Inductor compiles Triton kernels lazily at the first call, where such a failure raises,
+# uncaught: one more reason the rewrite takes this op only on sm90, where its configs were measured), and the
 # Triton interpreter (DESIGN.md: a triton_op cannot be traced under TRITON_INTERPRET=1, so CPU graphs keep the opaque
 # op). Called outside a compiled graph it runs the same kernels through Triton's own launch.
 def _decode_inline(
