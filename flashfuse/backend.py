@@ -227,10 +227,12 @@ def _with_verify(compiled, gm, example_inputs, config, patches, graph_report):
     from flashfuse.passes import copy_graph_module
 
     original, _ = copy_graph_module(gm)
-    if config.inductor:
-        def compile_original():
-            return compile_fx(original, example_inputs, config_patches=patches)
-    else:
-        def compile_original():
-            return original.forward
+
+    def compile_original():  # called after a failed check has marked the report
+        if config.debug_dir:  # the dump's report said "rewritten"
+            from flashfuse.debug import Dumper
+
+            Dumper.for_graph(config.debug_dir, graph_report).write_report(graph_report)
+        return compile_fx(original, example_inputs, config_patches=patches) if config.inductor else original.forward
+
     return VerifyingFunction(compiled, side_by_side, n_outputs, sources, compile_original, graph_report)

@@ -101,7 +101,7 @@ def test_verify_passes_and_marks_sites(tmp_path):
     assert rep.rewritten == 1 and rep.sites[0].flags["verified"] is True
 
 
-def test_verify_catches_a_wrong_kernel_and_falls_back(monkeypatch):
+def test_verify_catches_a_wrong_kernel_and_falls_back(monkeypatch, tmp_path):
     import flashfuse.ops as ops
 
     real = ops.testing.attention_ref
@@ -114,9 +114,11 @@ def test_verify_catches_a_wrong_kernel_and_falls_back(monkeypatch):
     monkeypatch.setattr(ops.testing, "attention_ref", wrong)
     args = qkv(S=10)
     with pytest.warns(RuntimeWarning, match="verify failed"):
-        out, rep = compile_and_report(naive, *args, verify=True, inductor=True)
+        out, rep = compile_and_report(naive, *args, verify=True, inductor=True, debug_dir=str(tmp_path))
     assert rep.rewritten == 0 and rep.sites[0].reason.startswith("verify failed: max abs diff 0.5")
     torch.testing.assert_close(out, naive(*args), atol=1e-5, rtol=1e-5)
+    (dumped,) = [json.loads(p.read_text()) for p in tmp_path.glob("graph_*/report.json")]  # rewritten after the check
+    assert dumped["rewritten"] == 0 and dumped["graphs"][0]["fallback"].startswith("verify failed")
 
 
 def test_verify_skips_training_dropout_sites():
