@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tests.distributed import workers
 from tests.distributed.workers import Job
 from tests.models import training
-from tests.models.conformance import NotAllRewritten, assert_all_rewritten, assert_triton_kernel
+from tests.models.conformance import assert_all_rewritten, assert_triton_kernel
 
 pytestmark = [
     pytest.mark.distributed,

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tests.models import zoo
-from tests.models.conformance import DenseMask, check_decode, check_forward
+from tests.models.conformance import check_decode, check_forward
 
 # attention sites per model in one forward / one decode-step graph (2 layers each)
 SITES = {"t5": (6, 4), "whisper": (6, 4), "clip": (4, None)}
