@@ -187,6 +187,28 @@ def test_infer_op_through_inductor_matches_eager():
     torch.testing.assert_close(out, fn(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
+def test_infer_op_from_inductors_cpp_wrapper():
+    # the backend gives CUDA inference graphs Inductor's C++ wrapper (backend.own_patches); the opaque op is then
+    # called through the dispatcher from C++. Here on the CPU, asked for explicitly, with symbolic lengths too.
+    from torch._inductor.utils import run_and_get_code
+
+    from flashfuse import report
+
+    torch._dynamo.reset()
+    mark = report.collect()
+    f = torch.compile(_naive, backend="flashfuse", options={"cpp_wrapper": True}, dynamic=True)
+    with torch.no_grad():
+        q, k, v = qkv(S=12)
+        out, code = run_and_get_code(f, q, k, v)
+        torch.testing.assert_close(out, _naive(q, k, v), atol=2e-5, rtol=2e-5)
+        q, k, v = qkv(S=19)
+        torch.testing.assert_close(f(q, k, v), _naive(q, k, v), atol=2e-5, rtol=2e-5)
+    rep = report.last_report(since=mark)
+    assert _ops_called(rep) == ["attention_infer"] and len(rep.graphs) == 1  # one graph for both lengths
+    assert rep.graphs[0].inductor_patches == {}  # the user's own option, not flashfuse's
+    assert 'aoti_torch_call_dispatcher("flashfuse::attention_infer"' in "\n".join(code)
+
+
 def _hf_decode(q, k, v, mask):
     # transformers' eager attention for one new token: repeat_kv, scores + the static cache's additive mask,
     # softmax in float32, cast back
