@@ -119,6 +119,14 @@ def own_patches(config: Config, extra: dict[str, Any], patches: dict[str, Any], 
     return {"cpp_wrapper": True}
 
 
+def _refresh_dump(config: Config, graph_report) -> None:
+    """Write the debug folder's report of this graph again (the backend changed it after the passes)."""
+    if config.debug_dir:
+        from flashfuse.debug import Dumper
+
+        Dumper.for_graph(config.debug_dir, graph_report).write_report(graph_report)
+
+
 def _dynamo_signal(exc: BaseException) -> bool:
     """Dynamo's own signals (graph break, restart the analysis, skip the frame): raised through, never a fallback."""
     from torch._dynamo import exc as dynamo_exc
@@ -181,10 +189,7 @@ def flashfuse_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = 
                 stacklevel=2,
             )
             new_gm = spare
-        if config.debug_dir:
-            from flashfuse.debug import Dumper
-
-            Dumper.for_graph(config.debug_dir, graph_report).write_report(graph_report)
+        _refresh_dump(config, graph_report)
     if compiled is None:
         try:
             compiled = compile_fx(new_gm, example_inputs, config_patches=patches)
@@ -229,10 +234,7 @@ def _with_verify(compiled, gm, example_inputs, config, patches, graph_report):
     original, _ = copy_graph_module(gm)
 
     def compile_original():  # called after a failed check has marked the report
-        if config.debug_dir:  # the dump's report said "rewritten"
-            from flashfuse.debug import Dumper
-
-            Dumper.for_graph(config.debug_dir, graph_report).write_report(graph_report)
+        _refresh_dump(config, graph_report)  # the dump's report said "rewritten"
         return compile_fx(original, example_inputs, config_patches=patches) if config.inductor else original.forward
 
     return VerifyingFunction(compiled, side_by_side, n_outputs, sources, compile_original, graph_report)

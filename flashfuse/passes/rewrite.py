@@ -237,10 +237,7 @@ def _decode_inline_ok(site: AttentionSite, q, k, v, mask, window_left, window_ri
     sq = vals[0].shape[-2]
     if vals[0].device.type != "cuda" or (isinstance(sq, int) and sq > _DECODE_MAX_Q):
         return False  # not a decode site on the GPU: nothing to report
-    if any(isinstance(w, fx.Node) for w in (window_left, window_right)):
-        site.inline_refused = "a symbolic window"
-        return False
-    try:
+    try:  # a window still an fx.Node (symbolic) is refused there too
         scale = _scale_value(site, q)
         reason = decode_inline_refusal(vals[0], vals[1], vals[2], vals[3], scale, window_left, window_right,
                                        float(site.mask_fill), float(site.softcap), vals[4])
