@@ -99,15 +99,26 @@ def _generate(model, ids, new_tokens: int, cache: str):
         return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
 
 
+def _one_time(fn, device: str) -> tuple[float, object]:
+    """(seconds, result) of one call of ``fn``, the device synchronized before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
 def _timed(fn, device: str, reps: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        seconds, out = _one_time(fn, device)
+        times.append(seconds)
     return statistics.median(times), out
+
+
+def _decode_rate(batch: int, new_tokens: int, t1: float, tn: float) -> float | None:
+    """Tokens/s of the decode steps: ``new_tokens - 1`` steps take ``tn - t1`` (None if timing noise hid them)."""
+    return batch * (new_tokens - 1) / (tn - t1) if tn > t1 else None
 
 
 def _method_model(method: str, config_kw: dict, ids: torch.Tensor, args):
@@ -130,16 +141,14 @@ def run_method(method: str, config_kw: dict, ids: torch.Tensor, args) -> dict:
     torch._dynamo.reset()
     try:
         model = _method_model(method, config_kw, ids, args)
-        start = time.perf_counter()
-        _generate(model, ids, args.new_tokens, args.cache)  # warm-up: compiles the prefill and decode graphs
-        _sync(device)
-        row["warmup_s"] = time.perf_counter() - start
+        # warm-up: compiles the prefill and decode graphs
+        row["warmup_s"], _ = _one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)
         t1, _ = _timed(lambda: _generate(model, ids, 1, args.cache), device, args.reps)
         tn, out = _timed(lambda: _generate(model, ids, args.new_tokens, args.cache), device, args.reps)
         row["prefill_ms"] = t1 * 1e3
-        if tn > t1:
-            row["tokens_per_s"] = ids.shape[0] * (args.new_tokens - 1) / (tn - t1)
-        else:  # timing noise larger than the decode steps (a loaded CPU): the whole run's rate, flagged
+        row["tokens_per_s"] = _decode_rate(ids.shape[0], args.new_tokens, t1, tn)
+        if row["tokens_per_s"] is None:  # timing noise larger than the decode steps (a loaded CPU): the whole
+            # run's rate, flagged
             row["tokens_per_s"] = ids.shape[0] * args.new_tokens / tn
             row["note"] = "tokens/s over the whole run (t_N <= t_1)"
         row["tokens"] = out[:, ids.shape[1] :].cpu()
@@ -221,14 +230,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _one_time(fn, device: str) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args) -> list[dict]:
     """``--interleave``: every method's model built and warmed up first, then ``reps`` rounds that time each method
     once (the order rotating each round), so that a drift of the machine over the run (clocks, other tenants)
@@ -246,7 +247,7 @@ def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args
         mark = report.collect()
         try:
             model = _method_model(method, config_kw, ids, args)
-            row["warmup_s"] = _one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)
+            row["warmup_s"], _ = _one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)
             row["tokens"] = _generate(model, ids, args.new_tokens, args.cache)[:, ids.shape[1]:].cpu()
             models[method] = model
             if BACKEND[method] == "flashfuse":
@@ -260,13 +261,15 @@ def run_interleaved(methods: list[str], config_kw: dict, ids: torch.Tensor, args
     for rnd in range(args.reps):
         for r in live[rnd % len(live):] + live[: rnd % len(live)]:
             model = models[r["method"]]
-            r["t1"].append(_one_time(lambda: _generate(model, ids, 1, args.cache), device))
-            r["tn"].append(_one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device))
+            r["t1"].append(_one_time(lambda: _generate(model, ids, 1, args.cache), device)[0])
+            r["tn"].append(_one_time(lambda: _generate(model, ids, args.new_tokens, args.cache), device)[0])
     for r in live:
         t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
         r["prefill_ms"] = t1 * 1e3
-        r["tokens_per_s"] = ids.shape[0] * (args.new_tokens - 1) / (tn - t1) if tn > t1 else float("nan")
-        per_round = [ids.shape[0] * (args.new_tokens - 1) / (b - a) for a, b in zip(r["t1"], r["tn"]) if b > a]
+        rate = _decode_rate(ids.shape[0], args.new_tokens, t1, tn)
+        r["tokens_per_s"] = float("nan") if rate is None else rate
+        per_round = [x for x in (_decode_rate(ids.shape[0], args.new_tokens, a, b) for a, b in zip(r["t1"], r["tn"]))
+                     if x is not None]
         if per_round:
             r["note"] += (("; " if r["note"] else "") + f"tokens/s per round: min {min(per_round):.1f}, "
                           f"max {max(per_round):.1f} ({len(per_round)} rounds)")
